@@ -1,0 +1,160 @@
+//! The gRPC layer: turns requests into validated domain values, calls the
+//! store, and turns the result back into protobuf. It never sees SQL.
+//!
+//! Each RPC runs in a span carrying `account_id`, `client_request_id`,
+//! `order_id`, the `outcome` and the status `code`, and ends with one event.
+
+mod convert;
+
+use std::{sync::Arc, time::Duration};
+
+use tonic::{Request, Response, Status, metadata::MetadataValue};
+use tracing::{Span, field};
+
+use crate::{
+    clock::Clock,
+    domain::{AccountId, NewOrder, Order},
+    error::Error,
+    proto::{self, order_service_server::OrderService},
+    store::Store,
+};
+use convert::Lookup;
+
+/// The response header set on a replayed `PlaceOrder`.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// `orders.v1.OrderService` over a [`Store`].
+#[derive(Debug, Clone)]
+pub struct OrderApi {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    idempotency_ttl: Duration,
+}
+
+impl OrderApi {
+    /// The service, keeping idempotency keys for `idempotency_ttl`.
+    pub fn new(store: Store, clock: Arc<dyn Clock>, idempotency_ttl: Duration) -> Self {
+        Self {
+            store,
+            clock,
+            idempotency_ttl,
+        }
+    }
+
+    /// The account the call acts for: `anonymous` until authentication exists.
+    fn account<T>(&self, _request: &Request<T>) -> AccountId {
+        AccountId::anonymous()
+    }
+}
+
+/// Records how a call ended on the current span, logs it, and maps the error.
+fn finish<T>(
+    result: Result<T, Error>,
+    outcome: impl FnOnce(&T) -> &'static str,
+) -> Result<T, Status> {
+    let span = Span::current();
+    let (outcome, code) = match &result {
+        Ok(value) => (outcome(value), tonic::Code::Ok),
+        Err(error) => (
+            match error {
+                Error::InvalidArgument(_) => "invalid",
+                Error::NotFound => "not_found",
+                Error::KeyReused { .. } => "key_reused",
+                Error::Unavailable { .. } => "unavailable",
+                Error::Internal { .. } => "error",
+            },
+            error.code(),
+        ),
+    };
+    span.record("outcome", outcome);
+    span.record("code", field::debug(code));
+    let result = result.map_err(Status::from);
+    tracing::info!("finished");
+    result
+}
+
+/// A caller-sent value for a log field, cut short so a huge field cannot
+/// flood the logs.
+fn loggable(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((end, _)) => &s[..end],
+        None => s,
+    }
+}
+
+#[tonic::async_trait]
+impl OrderService for OrderApi {
+    #[tracing::instrument(
+        name = "PlaceOrder",
+        skip_all,
+        fields(account_id, client_request_id, order_id, outcome, code)
+    )]
+    async fn place_order(
+        &self,
+        request: Request<proto::PlaceOrderRequest>,
+    ) -> Result<Response<proto::PlaceOrderResponse>, Status> {
+        let span = Span::current();
+        let account = self.account(&request);
+        span.record("account_id", account.as_str());
+        let request = request.into_inner();
+        let result = async {
+            let raw_key = loggable(&request.client_request_id).to_owned();
+            let new = NewOrder::try_from(request).inspect_err(|_| {
+                span.record("client_request_id", raw_key);
+            })?;
+            span.record("client_request_id", field::display(new.client_request_id));
+            let placed = self
+                .store
+                .place_order(&account, new, self.clock.now(), self.idempotency_ttl)
+                .await?;
+            span.record("order_id", field::display(placed.0.order_id));
+            Ok(placed)
+        }
+        .await;
+        let (order, placement) = finish(result, |(_, placement)| placement.as_str())?;
+        let replayed = placement == crate::store::Placement::Replayed;
+        let mut response = Response::new(proto::PlaceOrderResponse {
+            order: Some(order.into()),
+            replayed,
+        });
+        if replayed {
+            response
+                .metadata_mut()
+                .insert(REPLAYED_HEADER, MetadataValue::from_static("true"));
+        }
+        Ok(response)
+    }
+
+    #[tracing::instrument(
+        name = "GetOrder",
+        skip_all,
+        fields(account_id, client_request_id, order_id, outcome, code)
+    )]
+    async fn get_order(
+        &self,
+        request: Request<proto::GetOrderRequest>,
+    ) -> Result<Response<proto::Order>, Status> {
+        let span = Span::current();
+        let account = self.account(&request);
+        span.record("account_id", account.as_str());
+        let result = async {
+            let order: Order = match Lookup::try_from(request.into_inner())? {
+                Lookup::OrderId(id) => {
+                    span.record("order_id", field::display(id));
+                    self.store.get_order(&account, id).await?
+                }
+                Lookup::ClientRequestId(key) => {
+                    span.record("client_request_id", field::display(key));
+                    self.store
+                        .get_order_by_key(&account, key, self.clock.now())
+                        .await?
+                }
+            };
+            span.record("order_id", field::display(order.order_id));
+            Ok(order)
+        }
+        .await;
+        let order = finish(result, |_| "found")?;
+        Ok(Response::new(order.into()))
+    }
+}

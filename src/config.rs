@@ -1,0 +1,112 @@
+//! Configuration: one clap struct; every flag `--some-flag` is also the
+//! environment variable `ORDERS_SOME_FLAG` (except `DATABASE_URL`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// order-service: a gRPC order service that places every order exactly once,
+/// however often a caller retries.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "order-service", version, about)]
+pub struct Config {
+    /// Address to serve gRPC on. Port 0 picks a free port.
+    #[arg(long, env = "ORDERS_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Database URL: sqlite://PATH (the file is created if missing).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://orders.db",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// How long an idempotency key is remembered (e.g. 90s, 2h, 24h).
+    #[arg(long, env = "ORDERS_IDEMPOTENCY_TTL", default_value = "24h", value_parser = positive_duration)]
+    pub idempotency_ttl: Duration,
+
+    /// How often expired idempotency keys are purged.
+    #[arg(long, env = "ORDERS_PURGE_INTERVAL", default_value = "1m", value_parser = positive_duration)]
+    pub purge_interval: Duration,
+
+    /// Most expired keys deleted by one purge statement.
+    #[arg(long, env = "ORDERS_PURGE_BATCH_SIZE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub purge_batch_size: u32,
+
+    /// How long a write waits for the database lock, and a call for a pooled
+    /// connection, before answering UNAVAILABLE.
+    #[arg(long, env = "ORDERS_LOCK_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub lock_timeout: Duration,
+
+    /// Most pooled database connections (for SQLite: readers; writes use one).
+    #[arg(long, env = "ORDERS_DB_MAX_CONNECTIONS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_max_connections: u32,
+
+    /// How long in-flight calls may run after a shutdown signal.
+    #[arg(long, env = "ORDERS_SHUTDOWN_GRACE", default_value = "20s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format.
+    #[arg(long, env = "ORDERS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The defaults, as if no flag or variable were given.
+    pub fn defaults() -> Self {
+        Self::parse_from(["order-service"])
+    }
+}
+
+/// A humane duration: `90s`, `2h`, `1h 30m`, `500ms`.
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 90s, 15m, 2h)"))
+}
+
+/// A humane duration that is not zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be greater than zero".to_owned()),
+        d => Ok(d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_readme() {
+        let c = Config::defaults();
+        assert_eq!(c.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.database_url, "sqlite://orders.db");
+        assert_eq!(c.idempotency_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.purge_interval, Duration::from_secs(60));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn durations_are_humane_and_checked() {
+        let c = Config::try_parse_from(["x", "--idempotency-ttl", "90s", "--purge-interval", "2h"])
+            .unwrap();
+        assert_eq!(c.idempotency_ttl, Duration::from_secs(90));
+        assert_eq!(c.purge_interval, Duration::from_secs(7200));
+        assert!(Config::try_parse_from(["x", "--idempotency-ttl", "0s"]).is_err());
+        assert!(Config::try_parse_from(["x", "--idempotency-ttl", "soon"]).is_err());
+        assert!(Config::try_parse_from(["x", "--listen", "localhost"]).is_err());
+    }
+}

@@ -1,0 +1,171 @@
+//! The one error type of the service and its single mapping to `tonic::Status`.
+//!
+//! Each variant's doc names the gRPC code it becomes. Causes of `UNAVAILABLE`
+//! and `INTERNAL` are logged here, with the span of the RPC as context, and
+//! replaced by an opaque message: callers never see SQL or stack traces.
+
+use std::{collections::HashMap, time::Duration};
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::{OrderField, OrderId};
+
+/// The `ErrorInfo.domain` of every error this service reports.
+pub const ERROR_DOMAIN: &str = "orders.v1";
+/// How long a caller should wait before retrying an `UNAVAILABLE` answer.
+pub const UNAVAILABLE_RETRY_DELAY: Duration = Duration::from_millis(250);
+
+/// A boxed cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One refused request field: the proto field name and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Proto field name, e.g. `quantity`.
+    pub field: String,
+    /// A sentence for the caller.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Everything that can go wrong serving a call.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `INVALID_ARGUMENT` with one `BadRequest` field violation per problem.
+    #[error("invalid request ({} field violations)", .0.len())]
+    InvalidArgument(Vec<FieldViolation>),
+
+    /// `NOT_FOUND`: no such order for this account.
+    #[error("order not found")]
+    NotFound,
+
+    /// `FAILED_PRECONDITION` with `ErrorInfo{reason: IDEMPOTENCY_KEY_REUSED}`:
+    /// the key already placed an order with other fields.
+    #[error("idempotency key reused for order {order_id} with other {mismatched:?}")]
+    KeyReused {
+        /// The order the key placed.
+        order_id: OrderId,
+        /// Fields whose values differ, in proto field order.
+        mismatched: Vec<OrderField>,
+    },
+
+    /// `UNAVAILABLE` with `ErrorInfo{reason: DATASTORE_UNAVAILABLE}` and
+    /// `RetryInfo`: the database is down, busy or out of connections; nothing
+    /// was written.
+    #[error("datastore unavailable while {context}")]
+    Unavailable {
+        /// What the service was doing.
+        context: &'static str,
+        /// The cause, logged but never sent.
+        #[source]
+        source: BoxError,
+    },
+
+    /// `INTERNAL` with an opaque message; the cause is logged.
+    #[error("internal error while {context}")]
+    Internal {
+        /// What the service was doing.
+        context: &'static str,
+        /// The cause, logged but never sent.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// A one-field `INVALID_ARGUMENT`.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    /// `INTERNAL` from a cause.
+    pub fn internal(context: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Internal {
+            context,
+            source: source.into(),
+        }
+    }
+
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::NotFound => Code::NotFound,
+            Self::KeyReused { .. } => Code::FailedPrecondition,
+            Self::Unavailable { .. } => Code::Unavailable,
+            Self::Internal { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = error.code();
+        match error {
+            Error::InvalidArgument(violations) => {
+                let message = violations
+                    .iter()
+                    .map(|v| format!("{} {}", v.field, v.description))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let details = ErrorDetails::with_bad_request(
+                    violations
+                        .into_iter()
+                        .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                        .collect::<Vec<_>>(),
+                );
+                Status::with_error_details(code, message, details)
+            }
+            Error::NotFound => Status::new(code, "order not found"),
+            Error::KeyReused {
+                order_id,
+                mismatched,
+            } => {
+                let names = mismatched
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let message = format!(
+                    "client_request_id already placed order {order_id} with different {names}; \
+                     use a fresh client_request_id for a new order"
+                );
+                let metadata = HashMap::from([
+                    ("order_id".to_owned(), order_id.to_string()),
+                    ("mismatched_fields".to_owned(), names),
+                ]);
+                let details =
+                    ErrorDetails::with_error_info("IDEMPOTENCY_KEY_REUSED", ERROR_DOMAIN, metadata);
+                Status::with_error_details(code, message, details)
+            }
+            Error::Unavailable { context, source } => {
+                tracing::warn!(error = %source, "datastore unavailable while {context}");
+                let mut details = ErrorDetails::with_error_info(
+                    "DATASTORE_UNAVAILABLE",
+                    ERROR_DOMAIN,
+                    HashMap::<String, String>::new(),
+                );
+                details.set_retry_info(Some(UNAVAILABLE_RETRY_DELAY));
+                Status::with_error_details(
+                    code,
+                    "the order database is unavailable; nothing was written, retry with the same client_request_id",
+                    details,
+                )
+            }
+            Error::Internal { context, source } => {
+                tracing::error!(error = %source, "internal error while {context}");
+                Status::new(code, "internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! order-service: a gRPC order service whose one promise is that an order is
+//! placed **exactly once**, however often a caller retries.
+//!
+//! `orders.v1.OrderService.PlaceOrder` carries a client-generated
+//! `client_request_id`. The key and the order are written in one database
+//! transaction guarded by a unique constraint, so a retried or duplicated call
+//! gets the order that was persisted, never a second one; the same key with
+//! other fields is refused and nothing is written.
+//!
+//! # Layout
+//!
+//! - [`config`]: the one clap struct; every flag is also an `ORDERS_*` variable.
+//! - [`telemetry`]: the tracing subscriber (text or JSON).
+//! - [`startup`]: [`startup::Application`]: connect, migrate, bind; then run
+//!   until a shutdown signal and drain.
+//! - [`proto`]: generated protobuf and gRPC code, and the descriptor set.
+//! - [`api`]: the gRPC layer: request to domain to store to response.
+//! - [`domain`]: validated types (keys, symbols, decimals, orders); no I/O.
+//! - [`store`]: the [`store::Store`] over SQLite; all SQL lives there.
+//! - [`error`]: the one [`error::Error`] and its mapping to `tonic::Status`.
+//! - [`purge`]: the background purge of expired idempotency keys.
+//! - [`clock`]: where the time comes from (tests move it by hand).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations)]
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod proto;
+pub mod purge;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

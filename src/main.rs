@@ -1,0 +1,42 @@
+//! The order-service server: parse config, start logging, build, serve until
+//! SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+
+use clap::{Parser, error::ErrorKind};
+use order_service::{config::Config, startup, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::try_parse() {
+        Ok(config) => config,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            // One clear line instead of clap's usage block.
+            let rendered = e.render().to_string();
+            eprintln!(
+                "{}",
+                rendered
+                    .lines()
+                    .next()
+                    .unwrap_or("error: invalid arguments")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(config.log_format);
+    let result = async {
+        let app = startup::Application::build(config).await?;
+        app.run(startup::shutdown_signal()).await
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

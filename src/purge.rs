@@ -1,0 +1,49 @@
+//! The background purge of expired idempotency keys: every interval, delete
+//! expired keys in bounded batches (one short statement each) until none are
+//! left, so PlaceOrder is never held up for long. Orders are never deleted.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+
+use crate::{clock::Clock, error::Error, store::Store};
+
+/// Deletes every key expired by now, `batch` at a time; returns how many.
+pub async fn purge_expired(store: &Store, clock: &dyn Clock, batch: u32) -> Result<u64, Error> {
+    let mut total = 0;
+    loop {
+        let deleted = store.purge_expired_keys(clock.now(), batch).await?;
+        total += deleted;
+        if deleted < u64::from(batch) {
+            return Ok(total);
+        }
+        // Let PlaceOrder in between batches.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Runs [`purge_expired`] every `interval` until `stop` changes.
+pub async fn run(
+    store: Store,
+    clock: Arc<dyn Clock>,
+    interval: Duration,
+    batch: u32,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match purge_expired(&store, clock.as_ref(), batch).await {
+            Ok(0) => tracing::debug!("no expired idempotency keys"),
+            Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
+            Err(error) => tracing::warn!(
+                ?error,
+                "purging expired idempotency keys failed; retrying next interval"
+            ),
+        }
+    }
+}
