@@ -1,0 +1,11 @@
+//! Black-box tests over real gRPC against a real server and database.
+
+mod discovery;
+mod expiry;
+mod failures;
+mod get_order;
+mod helpers;
+mod place_order;
+mod races;
+mod shutdown;
+mod validation;

@@ -1,0 +1,137 @@
+//! The server binary as an operator runs it: start-up errors and SIGTERM.
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use order_service::proto::order_service_client::OrderServiceClient;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::Notify,
+    task::JoinSet,
+};
+use tonic::Code;
+
+use crate::helpers::{channel, limit_order, new_key};
+
+const BIN: &str = env!("CARGO_BIN_EXE_order-service");
+
+/// Starts the binary on a free port; returns it once it logs its address.
+async fn start_server(database_url: &str) -> (Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--database-url", database_url])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the server binary");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next_line().await.unwrap().expect("the server exited before listening");
+        let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+        if event["message"] == "listening" {
+            break event["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining the logs so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success();
+    assert!(ok, "kill -TERM {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orders.db").display());
+    let (mut child, addr) = start_server(&url).await;
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let enough = Arc::new(Notify::new());
+    let mut callers = JoinSet::new();
+    for _ in 0..8 {
+        let mut client = OrderServiceClient::new(channel(addr).await);
+        let (done, enough) = (done.clone(), enough.clone());
+        callers.spawn(async move {
+            let mut acknowledged = Vec::new();
+            // Bounded: the server stops long before this many calls.
+            for _ in 0..100_000 {
+                let key = new_key();
+                match client.place_order(limit_order(&key)).await {
+                    Ok(resp) => {
+                        assert_eq!(resp.into_inner().order.unwrap().client_request_id, key);
+                        acknowledged.push(key);
+                        if done.fetch_add(1, Ordering::SeqCst) + 1 == 50 {
+                            enough.notify_one();
+                        }
+                    }
+                    Err(status) => {
+                        assert!(
+                            matches!(status.code(), Code::Unavailable | Code::Cancelled),
+                            "a call failed non-retryably: {status:?}"
+                        );
+                        return acknowledged;
+                    }
+                }
+            }
+            panic!("the server never stopped answering");
+        });
+    }
+    enough.notified().await;
+    sigterm(&child);
+
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the server exits within its grace period")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+
+    let mut acknowledged = Vec::new();
+    while let Some(keys) = callers.join_next().await {
+        acknowledged.extend(keys.unwrap());
+    }
+    assert!(acknowledged.len() >= 50);
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    for key in &acknowledged {
+        let n: i64 = sqlx::query_scalar("select count(*) from orders where client_request_id = ?")
+            .bind(key)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "acknowledged key {key} has exactly one order");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_flag_exits_non_zero_with_one_clear_line() {
+    let out = Command::new(BIN).args(["--idempotency-ttl", "soon"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
+    assert!(stderr.contains("--idempotency-ttl"), "stderr: {stderr}");
+}
+
+#[tokio::test]
+async fn an_unopenable_database_exits_non_zero_with_one_clear_line() {
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--database-url", "sqlite:///nonexistent-dir/sub/orders.db"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
+    assert!(stderr.contains("cannot open database"), "stderr: {stderr}");
+}
