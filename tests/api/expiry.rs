@@ -15,10 +15,22 @@ const HOUR: Duration = Duration::from_secs(3600);
 async fn an_expired_key_places_a_new_order_and_the_key_points_to_it() {
     let mut app = spawn_app().await; // default lifetime: 24 h
     let key = new_key();
-    let first = app.client.place_order(limit_order(&key)).await.unwrap().into_inner().order.unwrap();
+    let first = app
+        .client
+        .place_order(limit_order(&key))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
 
     app.clock.advance(23 * HOUR);
-    let replay = app.client.place_order(limit_order(&key)).await.unwrap().into_inner();
+    let replay = app
+        .client
+        .place_order(limit_order(&key))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(replay.replayed, "a key younger than its lifetime replays");
 
     app.clock.advance(HOUR);
@@ -30,14 +42,27 @@ async fn an_expired_key_places_a_new_order_and_the_key_points_to_it() {
     assert_ne!(second.order_id, first.order_id);
     assert_eq!(second.quantity, "99");
 
-    let by_key = GetOrderRequest { lookup: Some(Lookup::ClientRequestId(key.clone())) };
+    let by_key = GetOrderRequest {
+        lookup: Some(Lookup::ClientRequestId(key.clone())),
+    };
     let found = app.client.get_order(by_key).await.unwrap().into_inner();
-    assert_eq!(found.order_id, second.order_id, "the key now points to the new order");
+    assert_eq!(
+        found.order_id, second.order_id,
+        "the key now points to the new order"
+    );
     assert_eq!(app.count("orders").await, 2, "orders are never deleted");
-    assert_eq!(app.count("idempotency_keys").await, 1, "the old key row was replaced");
+    assert_eq!(
+        app.count("idempotency_keys").await,
+        1,
+        "the old key row was replaced"
+    );
 
     let replay = app.client.place_order(limit_order(&key)).await;
-    assert_eq!(replay.unwrap_err().code(), tonic::Code::FailedPrecondition, "the new key binds");
+    assert_eq!(
+        replay.unwrap_err().code(),
+        tonic::Code::FailedPrecondition,
+        "the new key binds"
+    );
 }
 
 #[tokio::test]
@@ -46,9 +71,23 @@ async fn the_lifetime_is_configurable() {
     let key = new_key();
     app.client.place_order(limit_order(&key)).await.unwrap();
     app.clock.advance(Duration::from_secs(89));
-    assert!(app.client.place_order(limit_order(&key)).await.unwrap().into_inner().replayed);
+    assert!(
+        app.client
+            .place_order(limit_order(&key))
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed
+    );
     app.clock.advance(Duration::from_secs(1));
-    assert!(!app.client.place_order(limit_order(&key)).await.unwrap().into_inner().replayed);
+    assert!(
+        !app.client
+            .place_order(limit_order(&key))
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed
+    );
 }
 
 #[tokio::test]
@@ -63,7 +102,9 @@ async fn the_purge_removes_expired_keys_only_in_batches_and_keeps_orders() {
     app.client.place_order(limit_order(&young)).await.unwrap();
     app.clock.advance(12 * HOUR); // the first five are now exactly 24 h old
 
-    let purged = purge::purge_expired(&app.store, app.clock.as_ref(), 2).await.unwrap();
+    let purged = purge::purge_expired(&app.store, app.clock.as_ref(), 2)
+        .await
+        .unwrap();
     assert_eq!(purged, 5);
     assert_eq!(app.count("idempotency_keys").await, 1);
     assert_eq!(app.count("orders").await, 6);
@@ -73,10 +114,17 @@ async fn the_purge_removes_expired_keys_only_in_batches_and_keeps_orders() {
         .await
         .unwrap();
     assert_eq!(left, young);
-    assert_eq!(purge::purge_expired(&app.store, app.clock.as_ref(), 2).await.unwrap(), 0);
+    assert_eq!(
+        purge::purge_expired(&app.store, app.clock.as_ref(), 2)
+            .await
+            .unwrap(),
+        0
+    );
 
     // A purged key's orders can still be found by the key.
-    let by_key = GetOrderRequest { lookup: Some(Lookup::ClientRequestId(old_keys[0].clone())) };
+    let by_key = GetOrderRequest {
+        lookup: Some(Lookup::ClientRequestId(old_keys[0].clone())),
+    };
     let found = app.client.get_order(by_key).await.unwrap().into_inner();
     assert_eq!(found.client_request_id, old_keys[0]);
 }

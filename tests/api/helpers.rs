@@ -53,7 +53,16 @@ async fn start(config: Config, dir: Arc<TempDir>, clock: Arc<ManualClock>) -> Te
         let _ = rx.await;
     }));
     let client = OrderServiceClient::new(channel(addr).await);
-    TestApp { addr, client, store, clock, config, dir, shutdown: Some(tx), server: Some(server) }
+    TestApp {
+        addr,
+        client,
+        store,
+        clock,
+        config,
+        dir,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
 }
 
 /// A fresh connection (HTTP/2 channel) to `addr`.

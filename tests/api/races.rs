@@ -56,7 +56,10 @@ async fn two_hundred_concurrent_distinct_keys_create_two_hundred_orders() {
         let resp = result.unwrap().expect("every order succeeds");
         assert!(!resp.replayed);
         let order = resp.order.unwrap();
-        assert!(seen.insert(order.client_request_id.clone()), "one answer per key");
+        assert!(
+            seen.insert(order.client_request_id.clone()),
+            "one answer per key"
+        );
     }
     assert_eq!(seen, keys.into_iter().collect::<HashSet<_>>());
     assert_eq!(app.count("orders").await, 200);
@@ -92,8 +95,13 @@ async fn duplicates_racing_on_two_server_instances_over_one_file_create_one_orde
         let resp = result.unwrap().expect("every duplicate succeeds");
         created += usize::from(!resp.replayed);
         let order = resp.order.unwrap();
-        let id = answers.entry(order.client_request_id).or_insert(order.order_id.clone());
-        assert_eq!(*id, order.order_id, "one order per key, whichever instance answered");
+        let id = answers
+            .entry(order.client_request_id)
+            .or_insert(order.order_id.clone());
+        assert_eq!(
+            *id, order.order_id,
+            "one order per key, whichever instance answered"
+        );
     }
     assert_eq!(created, keys.len(), "exactly one creation per key");
     assert_eq!(first.count("orders").await, keys.len() as i64);

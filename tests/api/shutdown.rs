@@ -26,7 +26,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_order-service");
 /// Starts the binary on a free port; returns it once it logs its address.
 async fn start_server(database_url: &str) -> (Child, SocketAddr) {
     let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--database-url", database_url])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--database-url",
+            database_url,
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -35,7 +42,11 @@ async fn start_server(database_url: &str) -> (Child, SocketAddr) {
         .expect("start the server binary");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("the server exited before listening");
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the server exited before listening");
         let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
         if event["message"] == "listening" {
             break event["addr"].as_str().unwrap().parse().unwrap();
@@ -48,7 +59,11 @@ async fn start_server(database_url: &str) -> (Child, SocketAddr) {
 
 fn sigterm(child: &Child) {
     let pid = child.id().expect("running").to_string();
-    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "kill -TERM {pid}");
 }
 
@@ -116,7 +131,11 @@ async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_
 
 #[tokio::test]
 async fn a_bad_flag_exits_non_zero_with_one_clear_line() {
-    let out = Command::new(BIN).args(["--idempotency-ttl", "soon"]).output().await.unwrap();
+    let out = Command::new(BIN)
+        .args(["--idempotency-ttl", "soon"])
+        .output()
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
@@ -126,7 +145,12 @@ async fn a_bad_flag_exits_non_zero_with_one_clear_line() {
 #[tokio::test]
 async fn an_unopenable_database_exits_non_zero_with_one_clear_line() {
     let out = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--database-url", "sqlite:///nonexistent-dir/sub/orders.db"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "sqlite:///nonexistent-dir/sub/orders.db",
+        ])
         .output()
         .await
         .unwrap();
