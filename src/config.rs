@@ -23,13 +23,9 @@ pub struct Config {
     #[arg(long, env = "ORDERS_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// Database URL: sqlite://PATH (the file is created if missing).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "sqlite://orders.db",
-        hide_env_values = true
-    )]
+    /// Database URL: sqlite://PATH (the file is created if missing) or
+    /// postgres://USER:PASSWORD@HOST:PORT/DB (TLS per the URL's sslmode).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://orders.db", hide_env_values = true)]
     pub database_url: String,
 
     /// How long an idempotency key is remembered (e.g. 90s, 2h, 24h).
@@ -45,10 +41,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub purge_batch_size: u32,
 
-    /// How long a write waits for the database lock, and a call for a pooled
-    /// connection, before answering UNAVAILABLE.
+    /// How long a write waits for a lock: on Postgres, for a call in flight
+    /// with the same key (then ABORTED, IDEMPOTENCY_KEY_IN_USE); on SQLite, for
+    /// the database lock (then UNAVAILABLE). Shortened to the caller's deadline.
     #[arg(long, env = "ORDERS_LOCK_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
     pub lock_timeout: Duration,
+
+    /// How long a call waits for a pooled database connection (including
+    /// opening one) before answering UNAVAILABLE.
+    #[arg(long, env = "ORDERS_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub db_acquire_timeout: Duration,
+
+    /// How long start-up waits to connect to and migrate the database.
+    #[arg(long, env = "ORDERS_DB_CONNECT_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub db_connect_timeout: Duration,
 
     /// Most pooled database connections (for SQLite: readers; writes use one).
     #[arg(long, env = "ORDERS_DB_MAX_CONNECTIONS", default_value_t = 10,
@@ -101,8 +107,7 @@ mod tests {
 
     #[test]
     fn durations_are_humane_and_checked() {
-        let c = Config::try_parse_from(["x", "--idempotency-ttl", "90s", "--purge-interval", "2h"])
-            .unwrap();
+        let c = Config::try_parse_from(["x", "--idempotency-ttl", "90s", "--purge-interval", "2h"]).unwrap();
         assert_eq!(c.idempotency_ttl, Duration::from_secs(90));
         assert_eq!(c.purge_interval, Duration::from_secs(7200));
         assert!(Config::try_parse_from(["x", "--idempotency-ttl", "0s"]).is_err());

@@ -15,6 +15,16 @@ use crate::domain::{OrderField, OrderId};
 pub const ERROR_DOMAIN: &str = "orders.v1";
 /// How long a caller should wait before retrying an `UNAVAILABLE` answer.
 pub const UNAVAILABLE_RETRY_DELAY: Duration = Duration::from_millis(250);
+/// How long a caller should wait before retrying an `IDEMPOTENCY_KEY_IN_USE`.
+pub const KEY_IN_USE_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// `ErrorDetails` with an `ErrorInfo` of `reason` in [`ERROR_DOMAIN`] and a
+/// `RetryInfo` of `delay`.
+fn retryable(reason: &str, delay: Duration) -> ErrorDetails {
+    let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::<String, String>::new());
+    details.set_retry_info(Some(delay));
+    details
+}
 
 /// A boxed cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -31,10 +41,7 @@ pub struct FieldViolation {
 impl FieldViolation {
     /// A violation of `field`.
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            description: description.into(),
-        }
+        Self { field: field.into(), description: description.into() }
     }
 }
 
@@ -58,6 +65,12 @@ pub enum Error {
         /// Fields whose values differ, in proto field order.
         mismatched: Vec<OrderField>,
     },
+
+    /// `ABORTED` with `ErrorInfo{reason: IDEMPOTENCY_KEY_IN_USE}` and
+    /// `RetryInfo`: another call with this key is still being placed, and it
+    /// outlasted the caller's deadline or the lock timeout.
+    #[error("idempotency key in use by a call still in flight")]
+    KeyInUse,
 
     /// `UNAVAILABLE` with `ErrorInfo{reason: DATASTORE_UNAVAILABLE}` and
     /// `RetryInfo`: the database is down, busy or out of connections; nothing
@@ -90,10 +103,7 @@ impl Error {
 
     /// `INTERNAL` from a cause.
     pub fn internal(context: &'static str, source: impl Into<BoxError>) -> Self {
-        Self::Internal {
-            context,
-            source: source.into(),
-        }
+        Self::Internal { context, source: source.into() }
     }
 
     /// The gRPC code this error maps to.
@@ -102,6 +112,7 @@ impl Error {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::NotFound => Code::NotFound,
             Self::KeyReused { .. } => Code::FailedPrecondition,
+            Self::KeyInUse => Code::Aborted,
             Self::Unavailable { .. } => Code::Unavailable,
             Self::Internal { .. } => Code::Internal,
         }
@@ -127,15 +138,8 @@ impl From<Error> for Status {
                 Status::with_error_details(code, message, details)
             }
             Error::NotFound => Status::new(code, "order not found"),
-            Error::KeyReused {
-                order_id,
-                mismatched,
-            } => {
-                let names = mismatched
-                    .iter()
-                    .map(|f| f.name())
-                    .collect::<Vec<_>>()
-                    .join(",");
+            Error::KeyReused { order_id, mismatched } => {
+                let names = mismatched.iter().map(|f| f.name()).collect::<Vec<_>>().join(",");
                 let message = format!(
                     "client_request_id already placed order {order_id} with different {names}; \
                      use a fresh client_request_id for a new order"
@@ -144,18 +148,17 @@ impl From<Error> for Status {
                     ("order_id".to_owned(), order_id.to_string()),
                     ("mismatched_fields".to_owned(), names),
                 ]);
-                let details =
-                    ErrorDetails::with_error_info("IDEMPOTENCY_KEY_REUSED", ERROR_DOMAIN, metadata);
+                let details = ErrorDetails::with_error_info("IDEMPOTENCY_KEY_REUSED", ERROR_DOMAIN, metadata);
                 Status::with_error_details(code, message, details)
             }
+            Error::KeyInUse => Status::with_error_details(
+                code,
+                "another call with this client_request_id is still in flight; retry with the same client_request_id",
+                retryable("IDEMPOTENCY_KEY_IN_USE", KEY_IN_USE_RETRY_DELAY),
+            ),
             Error::Unavailable { context, source } => {
                 tracing::warn!(error = %source, "datastore unavailable while {context}");
-                let mut details = ErrorDetails::with_error_info(
-                    "DATASTORE_UNAVAILABLE",
-                    ERROR_DOMAIN,
-                    HashMap::<String, String>::new(),
-                );
-                details.set_retry_info(Some(UNAVAILABLE_RETRY_DELAY));
+                let details = retryable("DATASTORE_UNAVAILABLE", UNAVAILABLE_RETRY_DELAY);
                 Status::with_error_details(
                     code,
                     "the order database is unavailable; nothing was written, retry with the same client_request_id",

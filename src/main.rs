@@ -10,19 +10,11 @@ use order_service::{config::Config, startup, telemetry};
 async fn main() -> ExitCode {
     let config = match Config::try_parse() {
         Ok(config) => config,
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
-            e.exit()
-        }
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
         Err(e) => {
             // One clear line instead of clap's usage block.
             let rendered = e.render().to_string();
-            eprintln!(
-                "{}",
-                rendered
-                    .lines()
-                    .next()
-                    .unwrap_or("error: invalid arguments")
-            );
+            eprintln!("{}", rendered.lines().next().unwrap_or("error: invalid arguments"));
             return ExitCode::from(2);
         }
     };

@@ -40,10 +40,9 @@ pub async fn run(
         match purge_expired(&store, clock.as_ref(), batch).await {
             Ok(0) => tracing::debug!("no expired idempotency keys"),
             Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
-            Err(error) => tracing::warn!(
-                ?error,
-                "purging expired idempotency keys failed; retrying next interval"
-            ),
+            Err(error) => {
+                tracing::warn!(?error, "purging expired idempotency keys failed; retrying next interval")
+            }
         }
     }
 }

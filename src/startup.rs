@@ -42,17 +42,22 @@ impl Application {
         let options = StoreOptions {
             max_connections: config.db_max_connections,
             lock_timeout: config.lock_timeout,
+            acquire_timeout: config.db_acquire_timeout,
         };
-        let store = Store::connect(&config.database_url, &options).await?;
+        let store =
+            tokio::time::timeout(config.db_connect_timeout, Store::connect(&config.database_url, &options))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "cannot open database {}: no answer within {}",
+                        crate::store::redact(&config.database_url),
+                        humantime::format_duration(config.db_connect_timeout)
+                    )
+                })??;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        Ok(Self {
-            listener,
-            store,
-            clock,
-            config,
-        })
+        Ok(Self { listener, store, clock, config })
     }
 
     /// The address actually bound (useful with port 0).
@@ -71,18 +76,11 @@ impl Application {
     /// accepting, lets in-flight calls finish within the shutdown grace, and
     /// closes the database.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self {
-            listener,
-            store,
-            clock,
-            config,
-        } = self;
+        let Self { listener, store, clock, config } = self;
         let addr = listener.local_addr().context("reading the bound address")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-            .await;
+        health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -91,10 +89,8 @@ impl Application {
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
-        let reflection_v1alpha = reflection()
-            .build_v1alpha()
-            .context("building reflection v1alpha")?;
-        let api = OrderApi::new(store.clone(), clock.clone(), config.idempotency_ttl);
+        let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
+        let api = OrderApi::new(store.clone(), clock.clone(), config.idempotency_ttl, config.lock_timeout);
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let purge_task = tokio::spawn(purge::run(
@@ -111,12 +107,9 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(OrderServiceServer::new(api))
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async move {
-                    let _ = server_stop.changed().await;
-                },
-            );
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
+                let _ = server_stop.changed().await;
+            });
         let mut server = tokio::spawn(server);
         tracing::info!(%addr, "listening");
 
@@ -136,9 +129,7 @@ impl Application {
         let grace = config.shutdown_grace;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down: refusing new calls, finishing in-flight ones");
         for service in ["", SERVICE_NAME] {
-            health
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
+            health.set_service_status(service, ServingStatus::NotServing).await;
         }
         let _ = stop_tx.send(true);
         match tokio::time::timeout(grace, &mut server).await {

@@ -5,8 +5,8 @@ use prost_types::Timestamp as ProtoTimestamp;
 
 use crate::{
     domain::{
-        ClientRequestId, NewOrder, Order, OrderId, OrderStatus, OrderType, PositiveDecimal, Side,
-        Symbol, TimeInForce, Timestamp,
+        ClientRequestId, NewOrder, Order, OrderId, OrderStatus, OrderType, PositiveDecimal, Side, Symbol,
+        TimeInForce, Timestamp,
     },
     error::{Error, FieldViolation},
     proto,
@@ -19,9 +19,7 @@ struct Violations(Vec<FieldViolation>);
 impl Violations {
     /// Keeps the value, or records why `field` was refused.
     fn check<T>(&mut self, field: &str, parsed: Result<T, String>) -> Option<T> {
-        parsed
-            .map_err(|why| self.0.push(FieldViolation::new(field, why)))
-            .ok()
+        parsed.map_err(|why| self.0.push(FieldViolation::new(field, why))).ok()
     }
 
     fn into_result<T>(self, value: Option<T>) -> Result<T, Error> {
@@ -48,9 +46,7 @@ fn order_type(n: i32) -> Result<OrderType, String> {
         Ok(proto::OrderType::Unspecified) => {
             Err("is required: ORDER_TYPE_LIMIT or ORDER_TYPE_MARKET".to_owned())
         }
-        Err(_) => Err(format!(
-            "unknown value {n}: expected ORDER_TYPE_LIMIT or ORDER_TYPE_MARKET"
-        )),
+        Err(_) => Err(format!("unknown value {n}: expected ORDER_TYPE_LIMIT or ORDER_TYPE_MARKET")),
     }
 }
 
@@ -66,10 +62,7 @@ fn time_in_force(n: i32) -> Result<TimeInForce, String> {
 }
 
 /// `limit_price` is required for LIMIT orders and must be empty for MARKET.
-fn limit_price(
-    order_type: Option<OrderType>,
-    price: &str,
-) -> Result<Option<PositiveDecimal>, String> {
+fn limit_price(order_type: Option<OrderType>, price: &str) -> Result<Option<PositiveDecimal>, String> {
     match (order_type, price.is_empty()) {
         (Some(OrderType::Market), false) => Err("must be empty for ORDER_TYPE_MARKET".to_owned()),
         (Some(OrderType::Market), true) => Ok(None),
@@ -86,10 +79,7 @@ impl TryFrom<proto::PlaceOrderRequest> for NewOrder {
     /// Validates every field, reporting all violations at once.
     fn try_from(req: proto::PlaceOrderRequest) -> Result<Self, Error> {
         let mut v = Violations::default();
-        let client_request_id = v.check(
-            "client_request_id",
-            ClientRequestId::parse(&req.client_request_id),
-        );
+        let client_request_id = v.check("client_request_id", ClientRequestId::parse(&req.client_request_id));
         let symbol = v.check("symbol", Symbol::parse(&req.symbol));
         let side = v.check("side", side(req.side));
         let order_type = v.check("order_type", order_type(req.order_type));
@@ -134,16 +124,11 @@ impl TryFrom<proto::GetOrderRequest> for Lookup {
         use proto::get_order_request::Lookup as L;
         let mut v = Violations::default();
         let lookup = match req.lookup {
-            Some(L::OrderId(id)) => v
-                .check("order_id", OrderId::parse(&id))
-                .map(Lookup::OrderId),
-            Some(L::ClientRequestId(key)) => v
-                .check("client_request_id", ClientRequestId::parse(&key))
-                .map(Lookup::ClientRequestId),
-            None => v.check(
-                "lookup",
-                Err("set one of order_id or client_request_id".to_owned()),
-            ),
+            Some(L::OrderId(id)) => v.check("order_id", OrderId::parse(&id)).map(Lookup::OrderId),
+            Some(L::ClientRequestId(key)) => {
+                v.check("client_request_id", ClientRequestId::parse(&key)).map(Lookup::ClientRequestId)
+            }
+            None => v.check("lookup", Err("set one of order_id or client_request_id".to_owned())),
         };
         v.into_result(lookup)
     }

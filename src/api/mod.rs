@@ -29,15 +29,31 @@ pub struct OrderApi {
     store: Store,
     clock: Arc<dyn Clock>,
     idempotency_ttl: Duration,
+    lock_timeout: Duration,
 }
 
 impl OrderApi {
-    /// The service, keeping idempotency keys for `idempotency_ttl`.
-    pub fn new(store: Store, clock: Arc<dyn Clock>, idempotency_ttl: Duration) -> Self {
-        Self {
-            store,
-            clock,
-            idempotency_ttl,
+    /// The service, keeping idempotency keys for `idempotency_ttl` and waiting
+    /// at most `lock_timeout` for a call in flight with the same key.
+    pub fn new(
+        store: Store,
+        clock: Arc<dyn Clock>,
+        idempotency_ttl: Duration,
+        lock_timeout: Duration,
+    ) -> Self {
+        Self { store, clock, idempotency_ttl, lock_timeout }
+    }
+
+    /// How long this call may wait for a lock: the lock timeout, shortened so
+    /// that the answer still beats the caller's deadline (`grpc-timeout`).
+    fn lock_wait<T>(&self, request: &Request<T>) -> Duration {
+        let deadline = request.metadata().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        match deadline {
+            Some(deadline) => {
+                let margin = (deadline / 5).min(Duration::from_millis(250));
+                self.lock_timeout.min(deadline.saturating_sub(margin))
+            }
+            None => self.lock_timeout,
         }
     }
 
@@ -48,10 +64,7 @@ impl OrderApi {
 }
 
 /// Records how a call ended on the current span, logs it, and maps the error.
-fn finish<T>(
-    result: Result<T, Error>,
-    outcome: impl FnOnce(&T) -> &'static str,
-) -> Result<T, Status> {
+fn finish<T>(result: Result<T, Error>, outcome: impl FnOnce(&T) -> &'static str) -> Result<T, Status> {
     let span = Span::current();
     let (outcome, code) = match &result {
         Ok(value) => (outcome(value), tonic::Code::Ok),
@@ -60,6 +73,7 @@ fn finish<T>(
                 Error::InvalidArgument(_) => "invalid",
                 Error::NotFound => "not_found",
                 Error::KeyReused { .. } => "key_reused",
+                Error::KeyInUse => "key_in_use",
                 Error::Unavailable { .. } => "unavailable",
                 Error::Internal { .. } => "error",
             },
@@ -71,6 +85,25 @@ fn finish<T>(
     let result = result.map_err(Status::from);
     tracing::info!("finished");
     result
+}
+
+/// Parses a `grpc-timeout` header value: at most 8 digits and a unit
+/// (`H`, `M`, `S`, `m`, `u`, `n`).
+fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// A caller-sent value for a log field, cut short so a huge field cannot
@@ -96,6 +129,7 @@ impl OrderService for OrderApi {
         let span = Span::current();
         let account = self.account(&request);
         span.record("account_id", account.as_str());
+        let lock_wait = self.lock_wait(&request);
         let request = request.into_inner();
         let result = async {
             let raw_key = loggable(&request.client_request_id).to_owned();
@@ -105,7 +139,7 @@ impl OrderService for OrderApi {
             span.record("client_request_id", field::display(new.client_request_id));
             let placed = self
                 .store
-                .place_order(&account, new, self.clock.now(), self.idempotency_ttl)
+                .place_order(&account, new, self.clock.now(), self.idempotency_ttl, lock_wait)
                 .await?;
             span.record("order_id", field::display(placed.0.order_id));
             Ok(placed)
@@ -113,14 +147,9 @@ impl OrderService for OrderApi {
         .await;
         let (order, placement) = finish(result, |(_, placement)| placement.as_str())?;
         let replayed = placement == crate::store::Placement::Replayed;
-        let mut response = Response::new(proto::PlaceOrderResponse {
-            order: Some(order.into()),
-            replayed,
-        });
+        let mut response = Response::new(proto::PlaceOrderResponse { order: Some(order.into()), replayed });
         if replayed {
-            response
-                .metadata_mut()
-                .insert(REPLAYED_HEADER, MetadataValue::from_static("true"));
+            response.metadata_mut().insert(REPLAYED_HEADER, MetadataValue::from_static("true"));
         }
         Ok(response)
     }
@@ -145,9 +174,7 @@ impl OrderService for OrderApi {
                 }
                 Lookup::ClientRequestId(key) => {
                     span.record("client_request_id", field::display(key));
-                    self.store
-                        .get_order_by_key(&account, key, self.clock.now())
-                        .await?
+                    self.store.get_order_by_key(&account, key, self.clock.now()).await?
                 }
             };
             span.record("order_id", field::display(order.order_id));
@@ -156,5 +183,23 @@ impl OrderService for OrderApi {
         .await;
         let order = finish(result, |_| "found")?;
         Ok(Response::new(order.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout(b"5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout(b"2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"250000u"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout(b"7n"), Some(Duration::from_nanos(7)));
+        for bad in [&b""[..], b"m", b"123456789m", b"10x", b"-1S", b"1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

@@ -37,14 +37,10 @@ impl PositiveDecimal {
         let int = int.trim_start_matches('0');
         let frac = frac.unwrap_or("").trim_end_matches('0');
         if frac.len() > MAX_SCALE as usize {
-            return Err(format!(
-                "must have at most {MAX_SCALE} digits after the point"
-            ));
+            return Err(format!("must have at most {MAX_SCALE} digits after the point"));
         }
         if int.len() > MAX_INTEGER_DIGITS {
-            return Err(format!(
-                "must have at most {MAX_INTEGER_DIGITS} digits before the point"
-            ));
+            return Err(format!("must have at most {MAX_INTEGER_DIGITS} digits before the point"));
         }
         let significant = format!("{int}{frac}");
         let significant = significant.trim_start_matches('0');
@@ -52,9 +48,7 @@ impl PositiveDecimal {
             return Err("must be greater than zero".to_owned());
         }
         if significant.len() > MAX_SIGNIFICANT_DIGITS {
-            return Err(format!(
-                "must have at most {MAX_SIGNIFICANT_DIGITS} significant digits"
-            ));
+            return Err(format!("must have at most {MAX_SIGNIFICANT_DIGITS} significant digits"));
         }
         let canonical = if frac.is_empty() {
             int.to_owned()
@@ -119,10 +113,7 @@ mod tests {
             ("0.000000000000000001", "0.000000000000000001"),
             ("10", "10"),
             ("12345678901234567890", "12345678901234567890"),
-            (
-                "1234567890.123456789012345678",
-                "1234567890.123456789012345678",
-            ),
+            ("1234567890.123456789012345678", "1234567890.123456789012345678"),
         ] {
             let d = PositiveDecimal::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
             assert_eq!(d.to_string(), normalized, "input {input}");

@@ -8,9 +8,7 @@ mod decimal;
 mod order;
 
 pub use decimal::PositiveDecimal;
-pub use order::{
-    Fingerprint, NewOrder, Order, OrderField, OrderStatus, OrderType, Side, TimeInForce,
-};
+pub use order::{Fingerprint, NewOrder, Order, OrderField, OrderStatus, OrderType, Side, TimeInForce};
 
 use std::fmt;
 
@@ -46,9 +44,8 @@ impl fmt::Display for AccountId {
 
 /// Parses a UUID in canonical hyphenated form (36 characters, any case).
 fn parse_canonical_uuid(s: &str) -> Result<Uuid, String> {
-    let hyphens_in_place = s.len() == 36
-        && s.char_indices()
-            .all(|(i, c)| matches!(i, 8 | 13 | 18 | 23) == (c == '-'));
+    let hyphens_in_place =
+        s.len() == 36 && s.char_indices().all(|(i, c)| matches!(i, 8 | 13 | 18 | 23) == (c == '-'));
     match Uuid::try_parse(s) {
         Ok(uuid) if hyphens_in_place => Ok(uuid),
         _ => Err(format!(
@@ -142,10 +139,7 @@ impl Symbol {
     /// Parses a symbol; lower-case letters are refused, not folded.
     pub fn parse(s: &str) -> Result<Self, String> {
         let allowed = |b: u8| b.is_ascii_uppercase() || b.is_ascii_digit() || b"._/-".contains(&b);
-        let first_ok = s
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+        let first_ok = s.bytes().next().is_some_and(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
         if s.is_empty() {
             Err("is required".to_owned())
         } else if s.len() > Self::MAX_LEN {
@@ -227,31 +221,10 @@ mod tests {
 
     #[test]
     fn symbols() {
-        for ok in [
-            "A",
-            "AAPL",
-            "BTC-USD",
-            "BRK.B",
-            "ES_F",
-            "EUR/USD",
-            "7203",
-            &"X".repeat(32),
-        ] {
+        for ok in ["A", "AAPL", "BTC-USD", "BRK.B", "ES_F", "EUR/USD", "7203", &"X".repeat(32)] {
             assert!(Symbol::parse(ok).is_ok(), "refused {ok:?}");
         }
-        for bad in [
-            "",
-            "aapl",
-            "Aapl",
-            "-X",
-            ".X",
-            "/X",
-            "_X",
-            "A B",
-            "É",
-            &"X".repeat(33),
-            "A\n",
-        ] {
+        for bad in ["", "aapl", "Aapl", "-X", ".X", "/X", "_X", "A B", "É", &"X".repeat(33), "A\n"] {
             assert!(Symbol::parse(bad).is_err(), "accepted {bad:?}");
         }
     }

@@ -158,14 +158,8 @@ impl NewOrder {
             (OrderField::Side, self.side == order.side),
             (OrderField::OrderType, self.order_type == order.order_type),
             (OrderField::Quantity, self.quantity == order.quantity),
-            (
-                OrderField::LimitPrice,
-                self.limit_price == order.limit_price,
-            ),
-            (
-                OrderField::TimeInForce,
-                self.time_in_force == order.time_in_force,
-            ),
+            (OrderField::LimitPrice, self.limit_price == order.limit_price),
+            (OrderField::TimeInForce, self.time_in_force == order.time_in_force),
         ]
         .into_iter()
         .filter_map(|(field, equal)| (!equal).then_some(field))
@@ -230,8 +224,7 @@ mod tests {
 
     fn order(quantity: &str, limit_price: Option<&str>) -> NewOrder {
         NewOrder {
-            client_request_id: ClientRequestId::parse("123e4567-e89b-12d3-a456-426614174000")
-                .unwrap(),
+            client_request_id: ClientRequestId::parse("123e4567-e89b-12d3-a456-426614174000").unwrap(),
             symbol: Symbol::parse("AAPL").unwrap(),
             side: Side::Buy,
             order_type: OrderType::Limit,
@@ -243,18 +236,9 @@ mod tests {
 
     #[test]
     fn fingerprint_follows_normalized_values() {
-        assert_eq!(
-            order("1.50", Some("10")).fingerprint(),
-            order("1.5", Some("10.000")).fingerprint()
-        );
-        assert_ne!(
-            order("1.5", Some("10")).fingerprint(),
-            order("1.5", Some("11")).fingerprint()
-        );
-        assert_ne!(
-            order("1.5", Some("10")).fingerprint(),
-            order("1.5", None).fingerprint()
-        );
+        assert_eq!(order("1.50", Some("10")).fingerprint(), order("1.5", Some("10.000")).fingerprint());
+        assert_ne!(order("1.5", Some("10")).fingerprint(), order("1.5", Some("11")).fingerprint());
+        assert_ne!(order("1.5", Some("10")).fingerprint(), order("1.5", None).fingerprint());
     }
 
     #[test]
@@ -268,11 +252,7 @@ mod tests {
         retry.side = Side::Sell;
         assert_eq!(
             retry.mismatched_fields(&placed),
-            [
-                OrderField::Side,
-                OrderField::Quantity,
-                OrderField::LimitPrice
-            ]
+            [OrderField::Side, OrderField::Quantity, OrderField::LimitPrice]
         );
     }
 }

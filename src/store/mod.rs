@@ -1,30 +1,42 @@
 //! Persistence: the one place that speaks SQL.
 //!
-//! [`Store`] is chosen by the database URL and hides which engine is behind
-//! it; the gRPC layer only sees domain types and [`Error`]. Each engine has its
-//! own module and its own embedded migrations under `migrations/<engine>`.
+//! [`Store`] is chosen by the database URL (`sqlite://…` or `postgres://…`)
+//! and hides which engine is behind it; the gRPC layer only sees domain types
+//! and [`Error`]. Each engine has its own module and its own embedded
+//! migrations under `migrations/<engine>`; the PlaceOrder transaction itself is
+//! written once, in `place`.
 
+mod place;
+mod postgres;
 mod sqlite;
 
 use std::time::Duration;
 
 use anyhow::Context as _;
+use rust_decimal::Decimal;
+use uuid::Uuid;
 
 use crate::{
-    domain::{AccountId, ClientRequestId, NewOrder, Order, OrderId, Timestamp},
+    domain::{
+        AccountId, ClientRequestId, NewOrder, Order, OrderId, OrderStatus, OrderType, PositiveDecimal, Side,
+        Symbol, TimeInForce, Timestamp,
+    },
     error::Error,
 };
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// How the store connects.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Most pooled connections for reads (SQLite writes use one connection).
+    /// Most pooled connections (SQLite: readers; writes use one connection).
     pub max_connections: u32,
-    /// How long a write waits for the database lock, and a call for a pooled
-    /// connection, before answering `UNAVAILABLE`.
+    /// How long a write waits for a lock (SQLite's database lock, Postgres's
+    /// lock on a key another call is placing).
     pub lock_timeout: Duration,
+    /// How long a call waits for a pooled connection, including opening one.
+    pub acquire_timeout: Duration,
 }
 
 impl Default for StoreOptions {
@@ -32,6 +44,7 @@ impl Default for StoreOptions {
         Self {
             max_connections: 10,
             lock_timeout: Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -63,42 +76,58 @@ impl Placement {
 pub enum Store {
     /// An embedded SQLite file.
     Sqlite(SqliteStore),
+    /// A Postgres server, shared by any number of replicas.
+    Postgres(PgStore),
+}
+
+/// Calls the same method on whichever engine `$store` is.
+macro_rules! dispatch {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
+        }
+    };
 }
 
 impl Store {
-    /// Connects to `url` (`sqlite://path`), creating a SQLite file if it is
-    /// missing, and applies the embedded migrations.
+    /// Connects to `url` (`sqlite://PATH`, created if missing, or
+    /// `postgres://…`) and applies the embedded migrations.
     pub async fn connect(url: &str, options: &StoreOptions) -> anyhow::Result<Self> {
+        let shown = redact(url);
         if url.starts_with("sqlite:") {
             let store = SqliteStore::connect(url, options)
                 .await
-                .with_context(|| format!("cannot open database {url}"))?;
+                .with_context(|| format!("cannot open database {shown}"))?;
             Ok(Self::Sqlite(store))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let store = PgStore::connect(url, options)
+                .await
+                .with_context(|| format!("cannot open database {shown}"))?;
+            Ok(Self::Postgres(store))
         } else {
-            anyhow::bail!("unsupported database URL {url:?}: expected sqlite://PATH")
+            anyhow::bail!("unsupported database URL {shown:?}: expected sqlite://PATH or postgres://…")
         }
     }
 
-    /// Places `order` for `account` exactly once per key (DESIGN.md section 4):
+    /// Places `order` for `account` exactly once per key (see `place`):
     /// creates it, replays the order the key already placed, or refuses a key
-    /// reused with other fields (`Error::KeyReused`, nothing written).
+    /// reused with other fields (`Error::KeyReused`, nothing written). Waits at
+    /// most `lock_wait` for a lock held by another call.
     pub async fn place_order(
         &self,
         account: &AccountId,
         order: NewOrder,
         now: Timestamp,
         ttl: Duration,
+        lock_wait: Duration,
     ) -> Result<(Order, Placement), Error> {
-        match self {
-            Self::Sqlite(s) => s.place_order(account, order, now, ttl).await,
-        }
+        dispatch!(self, s => s.place_order(account, order, now, ttl, lock_wait).await)
     }
 
     /// The account's order with this id.
     pub async fn get_order(&self, account: &AccountId, id: OrderId) -> Result<Order, Error> {
-        match self {
-            Self::Sqlite(s) => s.get_order(account, id).await,
-        }
+        dispatch!(self, s => s.get_order(account, id).await)
     }
 
     /// The order the account's live key points to; once the key has expired
@@ -109,23 +138,94 @@ impl Store {
         key: ClientRequestId,
         now: Timestamp,
     ) -> Result<Order, Error> {
-        match self {
-            Self::Sqlite(s) => s.get_order_by_key(account, key, now).await,
-        }
+        dispatch!(self, s => s.get_order_by_key(account, key, now).await)
     }
 
     /// Deletes at most `limit` keys that expired at or before `now`; returns
     /// how many it deleted. Orders are never deleted.
     pub async fn purge_expired_keys(&self, now: Timestamp, limit: u32) -> Result<u64, Error> {
-        match self {
-            Self::Sqlite(s) => s.purge_expired_keys(now, limit).await,
-        }
+        dispatch!(self, s => s.purge_expired_keys(now, limit).await)
     }
 
     /// Closes every pooled connection, waiting for those in use.
     pub async fn close(&self) {
-        match self {
-            Self::Sqlite(s) => s.close().await,
+        dispatch!(self, s => s.close().await)
+    }
+}
+
+/// A database URL with its password replaced, fit for logs and errors.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
         }
+        None => url.to_owned(),
+    }
+}
+
+/// An order row in engine-neutral types, checked into an [`Order`].
+struct OrderRecord {
+    order_id: Uuid,
+    account_id: String,
+    client_request_id: Uuid,
+    symbol: String,
+    side: String,
+    order_type: String,
+    quantity: Decimal,
+    limit_price: Option<Decimal>,
+    time_in_force: String,
+    status: String,
+    create_time: Timestamp,
+    update_time: Timestamp,
+}
+
+impl TryFrom<OrderRecord> for Order {
+    type Error = Error;
+
+    /// Refuses (as `INTERNAL`) a row no valid request could have written.
+    fn try_from(r: OrderRecord) -> Result<Self, Error> {
+        let corrupt = |what: &str| {
+            Error::internal("decoding a stored order", format!("bad {what} in order {}", r.order_id))
+        };
+        let decimal = |d: Decimal, what: &str| PositiveDecimal::from_decimal(d).ok_or_else(|| corrupt(what));
+        Ok(Order {
+            order_id: OrderId::from_uuid(r.order_id),
+            client_request_id: ClientRequestId::from_uuid(r.client_request_id),
+            account_id: AccountId::new(r.account_id.clone()),
+            symbol: Symbol::parse(&r.symbol).map_err(|_| corrupt("symbol"))?,
+            side: Side::from_str_opt(&r.side).ok_or_else(|| corrupt("side"))?,
+            order_type: OrderType::from_str_opt(&r.order_type).ok_or_else(|| corrupt("order_type"))?,
+            quantity: decimal(r.quantity, "quantity")?,
+            limit_price: r.limit_price.map(|p| decimal(p, "limit_price")).transpose()?,
+            time_in_force: TimeInForce::from_str_opt(&r.time_in_force)
+                .ok_or_else(|| corrupt("time_in_force"))?,
+            status: OrderStatus::from_str_opt(&r.status).ok_or_else(|| corrupt("status"))?,
+            create_time: r.create_time,
+            update_time: r.update_time,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/orders?sslmode=require"),
+            "postgres://app:***@db:5432/orders?sslmode=require"
+        );
+        assert_eq!(redact("postgres://app@db/orders"), "postgres://app@db/orders");
+        assert_eq!(redact("postgres://db/orders"), "postgres://db/orders");
+        assert_eq!(redact("sqlite://orders.db"), "sqlite://orders.db");
+        assert_eq!(redact("postgres://a:b@c@host/db"), "postgres://a:***@host/db");
     }
 }

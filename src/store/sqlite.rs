@@ -10,17 +10,17 @@
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
-    SqlitePool,
+    Sqlite, SqlitePool, Transaction,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use uuid::Uuid;
 
-use super::{Placement, StoreOptions};
+use super::{
+    OrderRecord, Placement, StoreOptions,
+    place::{self, KeyRecord, PlaceTx, StoredKey},
+};
 use crate::{
-    domain::{
-        AccountId, ClientRequestId, NewOrder, Order, OrderId, OrderStatus, OrderType,
-        PositiveDecimal, Side, Symbol, TimeInForce, Timestamp,
-    },
+    domain::{AccountId, ClientRequestId, NewOrder, Order, OrderId, PositiveDecimal, Timestamp},
     error::Error,
 };
 
@@ -55,13 +55,13 @@ impl SqliteStore {
             .foreign_keys(true);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(options.lock_timeout)
+            .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.clone().create_if_missing(true))
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
-            .acquire_timeout(options.lock_timeout)
+            .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.read_only(true))
             .await?;
         Ok(Self { writer, reader })
@@ -73,102 +73,21 @@ impl SqliteStore {
         new: NewOrder,
         now: Timestamp,
         ttl: Duration,
+        lock_wait: Duration,
     ) -> Result<(Order, Placement), Error> {
-        let fingerprint = new.fingerprint();
-        let key = new.client_request_id.to_string();
-        let order_id = OrderId::generate();
-        let mut tx = self
-            .writer
-            .begin_with("begin immediate")
-            .await
-            .map_err(db("beginning the order transaction"))?;
-
-        let inserted = sqlx::query(
-            r"insert into idempotency_keys
-                  (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
-              values (?, ?, ?, ?, ?, ?)
-              on conflict (account_id, client_request_id) do nothing",
-        )
-        .bind(account.as_str())
-        .bind(&key)
-        .bind(&fingerprint.0[..])
-        .bind(order_id.to_string())
-        .bind(now.as_micros())
-        .bind(now.add(ttl).as_micros())
-        .execute(&mut *tx)
-        .await
-        .map_err(db("inserting the idempotency key"))?
-        .rows_affected()
-            == 1;
-
-        let placement = if inserted {
-            Placement::Created
-        } else {
-            let (stored_fingerprint, stored_order_id, expire_time): (Vec<u8>, String, i64) =
-                sqlx::query_as(
-                    r"select fingerprint, order_id, expire_time from idempotency_keys
-                  where account_id = ? and client_request_id = ?",
-                )
-                .bind(account.as_str())
-                .bind(&key)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db("reading the idempotency key"))?;
-
-            if expire_time > now.as_micros() {
-                let existing = fetch_order(&mut tx, &stored_order_id).await?;
-                tx.commit()
-                    .await
-                    .map_err(db("ending the replay transaction"))?;
-                if stored_fingerprint == fingerprint.0 {
-                    return Ok((existing, Placement::Replayed));
-                }
-                let mismatched = new.mismatched_fields(&existing);
-                return Err(Error::KeyReused {
-                    order_id: existing.order_id,
-                    mismatched,
+        let begin = self.writer.begin_with("begin immediate");
+        let mut tx = match tokio::time::timeout(lock_wait, begin).await {
+            Ok(tx) => tx.map_err(db("beginning the order transaction"))?,
+            Err(elapsed) => {
+                return Err(Error::Unavailable {
+                    context: "waiting for the database writer",
+                    source: elapsed.into(),
                 });
             }
-            sqlx::query(
-                r"update idempotency_keys
-                  set fingerprint = ?, order_id = ?, create_time = ?, expire_time = ?
-                  where account_id = ? and client_request_id = ?",
-            )
-            .bind(&fingerprint.0[..])
-            .bind(order_id.to_string())
-            .bind(now.as_micros())
-            .bind(now.add(ttl).as_micros())
-            .bind(account.as_str())
-            .bind(&key)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("replacing the expired idempotency key"))?;
-            Placement::ExpiredReuse
         };
-
-        let order = new.into_order(account.clone(), order_id, now);
-        sqlx::query(concat!(
-            "insert into orders (",
-            order_columns!(),
-            ") values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(order.order_id.to_string())
-        .bind(order.account_id.as_str())
-        .bind(order.client_request_id.to_string())
-        .bind(order.symbol.as_str())
-        .bind(order.side.as_str())
-        .bind(order.order_type.as_str())
-        .bind(order.quantity.to_string())
-        .bind(order.limit_price.map(|p| p.to_string()))
-        .bind(order.time_in_force.as_str())
-        .bind(order.status.as_str())
-        .bind(order.create_time.as_micros())
-        .bind(order.update_time.as_micros())
-        .execute(&mut *tx)
-        .await
-        .map_err(db("inserting the order"))?;
+        let placed = place::place(&mut tx, account, new, now, ttl).await?;
         tx.commit().await.map_err(db("committing the order"))?;
-        Ok((order, placement))
+        Ok(placed)
     }
 
     pub(super) async fn get_order(&self, account: &AccountId, id: OrderId) -> Result<Order, Error> {
@@ -221,11 +140,7 @@ impl SqliteStore {
         newest.ok_or(Error::NotFound)?.try_into()
     }
 
-    pub(super) async fn purge_expired_keys(
-        &self,
-        now: Timestamp,
-        limit: u32,
-    ) -> Result<u64, Error> {
+    pub(super) async fn purge_expired_keys(&self, now: Timestamp, limit: u32) -> Result<u64, Error> {
         let result = sqlx::query(
             r"delete from idempotency_keys
               where (account_id, client_request_id) in (
@@ -246,17 +161,104 @@ impl SqliteStore {
     }
 }
 
-async fn fetch_order(tx: &mut sqlx::SqliteConnection, order_id: &str) -> Result<Order, Error> {
-    let row: OrderRow = sqlx::query_as(concat!(
-        "select ",
-        order_columns!(),
-        " from orders where order_id = ?"
-    ))
-    .bind(order_id)
-    .fetch_one(tx)
-    .await
-    .map_err(db("reading the order of an idempotency key"))?;
-    row.try_into()
+impl PlaceTx for Transaction<'_, Sqlite> {
+    async fn insert_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
+        let result = sqlx::query(
+            r"insert into idempotency_keys
+                  (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
+              values (?, ?, ?, ?, ?, ?)
+              on conflict (account_id, client_request_id) do nothing",
+        )
+        .bind(key.account_id.as_str())
+        .bind(key.client_request_id.to_string())
+        .bind(&key.fingerprint.0[..])
+        .bind(key.order_id.to_string())
+        .bind(key.create_time.as_micros())
+        .bind(key.expire_time.as_micros())
+        .execute(&mut **self)
+        .await
+        .map_err(db("inserting the idempotency key"))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn read_key(
+        &mut self,
+        account: &AccountId,
+        key: ClientRequestId,
+    ) -> Result<Option<StoredKey>, Error> {
+        let row: Option<(Vec<u8>, String, i64)> = sqlx::query_as(
+            r"select fingerprint, order_id, expire_time from idempotency_keys
+              where account_id = ? and client_request_id = ?",
+        )
+        .bind(account.as_str())
+        .bind(key.to_string())
+        .fetch_optional(&mut **self)
+        .await
+        .map_err(db("reading the idempotency key"))?;
+        row.map(|(fingerprint, order_id, expire_time)| {
+            let order_id =
+                Uuid::try_parse(&order_id).map_err(|e| Error::internal("decoding an idempotency key", e))?;
+            Ok(StoredKey {
+                fingerprint,
+                order_id: OrderId::from_uuid(order_id),
+                expire_time: Timestamp::from_micros(expire_time),
+            })
+        })
+        .transpose()
+    }
+
+    async fn replace_expired_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
+        let result = sqlx::query(
+            r"update idempotency_keys
+              set fingerprint = ?, order_id = ?, create_time = ?, expire_time = ?
+              where account_id = ? and client_request_id = ? and expire_time <= ?",
+        )
+        .bind(&key.fingerprint.0[..])
+        .bind(key.order_id.to_string())
+        .bind(key.create_time.as_micros())
+        .bind(key.expire_time.as_micros())
+        .bind(key.account_id.as_str())
+        .bind(key.client_request_id.to_string())
+        .bind(key.create_time.as_micros())
+        .execute(&mut **self)
+        .await
+        .map_err(db("replacing the expired idempotency key"))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn insert_order(&mut self, order: &Order) -> Result<(), Error> {
+        sqlx::query(concat!(
+            "insert into orders (",
+            order_columns!(),
+            ") values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(order.order_id.to_string())
+        .bind(order.account_id.as_str())
+        .bind(order.client_request_id.to_string())
+        .bind(order.symbol.as_str())
+        .bind(order.side.as_str())
+        .bind(order.order_type.as_str())
+        .bind(order.quantity.to_string())
+        .bind(order.limit_price.map(|p| p.to_string()))
+        .bind(order.time_in_force.as_str())
+        .bind(order.status.as_str())
+        .bind(order.create_time.as_micros())
+        .bind(order.update_time.as_micros())
+        .execute(&mut **self)
+        .await
+        .map_err(db("inserting the order"))?;
+        Ok(())
+    }
+
+    async fn fetch_order(&mut self, id: OrderId) -> Result<Order, Error> {
+        let row: OrderRow =
+            sqlx::query_as(concat!("select ", order_columns!(), " from orders where order_id = ?"))
+                .bind(id.to_string())
+                .fetch_one(&mut **self)
+                .await
+                .map_err(db("reading the order of an idempotency key"))?;
+        row.try_into()
+    }
 }
 
 /// Maps a sqlx error to `UNAVAILABLE` when retrying later can succeed (busy,
@@ -276,10 +278,7 @@ fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
             _ => false,
         };
         if unavailable {
-            Error::Unavailable {
-                context,
-                source: error.into(),
-            }
+            Error::Unavailable { context, source: error.into() }
         } else {
             Error::internal(context, error)
         }
@@ -306,36 +305,26 @@ impl TryFrom<OrderRow> for Order {
     type Error = Error;
 
     fn try_from(row: OrderRow) -> Result<Self, Error> {
-        let corrupt = |what: &str| {
-            Error::internal(
-                "decoding a stored order",
-                format!("bad {what} in row {}", row.order_id),
-            )
+        let uuid = |s: &str| Uuid::try_parse(s).map_err(|e| Error::internal("decoding a stored order", e));
+        let decimal = |s: &str| {
+            PositiveDecimal::parse(s)
+                .map(|d| d.value())
+                .map_err(|e| Error::internal("decoding a stored order", e))
         };
-        let uuid = |s: &str, what: &str| Uuid::try_parse(s).map_err(|_| corrupt(what));
-        let decimal = |s: &str, what: &str| PositiveDecimal::parse(s).map_err(|_| corrupt(what));
-        Ok(Order {
-            order_id: OrderId::from_uuid(uuid(&row.order_id, "order_id")?),
-            client_request_id: ClientRequestId::from_uuid(uuid(
-                &row.client_request_id,
-                "client_request_id",
-            )?),
-            account_id: AccountId::new(row.account_id.clone()),
-            symbol: Symbol::parse(&row.symbol).map_err(|_| corrupt("symbol"))?,
-            side: Side::from_str_opt(&row.side).ok_or_else(|| corrupt("side"))?,
-            order_type: OrderType::from_str_opt(&row.order_type)
-                .ok_or_else(|| corrupt("order_type"))?,
-            quantity: decimal(&row.quantity, "quantity")?,
-            limit_price: row
-                .limit_price
-                .as_deref()
-                .map(|p| decimal(p, "limit_price"))
-                .transpose()?,
-            time_in_force: TimeInForce::from_str_opt(&row.time_in_force)
-                .ok_or_else(|| corrupt("time_in_force"))?,
-            status: OrderStatus::from_str_opt(&row.status).ok_or_else(|| corrupt("status"))?,
+        OrderRecord {
+            order_id: uuid(&row.order_id)?,
+            client_request_id: uuid(&row.client_request_id)?,
+            quantity: decimal(&row.quantity)?,
+            limit_price: row.limit_price.as_deref().map(decimal).transpose()?,
             create_time: Timestamp::from_micros(row.create_time),
             update_time: Timestamp::from_micros(row.update_time),
-        })
+            account_id: row.account_id,
+            symbol: row.symbol,
+            side: row.side,
+            order_type: row.order_type,
+            time_in_force: row.time_in_force,
+            status: row.status,
+        }
+        .try_into()
     }
 }

@@ -1,0 +1,117 @@
+//! The PlaceOrder transaction of DESIGN.md section 4, written once for every
+//! engine: each engine supplies the five statements ([`PlaceTx`]) and runs
+//! [`place`] inside its own transaction, committing on success.
+//!
+//! The unique key `(account_id, client_request_id)` is the guard: the key row
+//! is inserted first with `on conflict do nothing`. On Postgres (READ
+//! COMMITTED) a racing duplicate's insert waits on the unique index until the
+//! first transaction ends, so every duplicate resolves to the one order.
+
+use std::{future::Future, time::Duration};
+
+use super::Placement;
+use crate::{
+    domain::{AccountId, ClientRequestId, Fingerprint, NewOrder, Order, OrderId, Timestamp},
+    error::Error,
+};
+
+/// A key row to write.
+#[derive(Debug)]
+pub(super) struct KeyRecord<'a> {
+    pub account_id: &'a AccountId,
+    pub client_request_id: ClientRequestId,
+    pub fingerprint: Fingerprint,
+    pub order_id: OrderId,
+    pub create_time: Timestamp,
+    pub expire_time: Timestamp,
+}
+
+/// A key row as stored.
+#[derive(Debug)]
+pub(super) struct StoredKey {
+    pub fingerprint: Vec<u8>,
+    pub order_id: OrderId,
+    pub expire_time: Timestamp,
+}
+
+/// The statements of the PlaceOrder transaction, on an open transaction.
+pub(super) trait PlaceTx: Send {
+    /// Inserts the key unless it exists; true if inserted.
+    fn insert_key(&mut self, key: &KeyRecord<'_>) -> impl Future<Output = Result<bool, Error>> + Send;
+
+    /// Reads the key row, if any.
+    fn read_key(
+        &mut self,
+        account: &AccountId,
+        key: ClientRequestId,
+    ) -> impl Future<Output = Result<Option<StoredKey>, Error>> + Send;
+
+    /// Overwrites the key row if it expired at or before `key.create_time`;
+    /// true if it did.
+    fn replace_expired_key(
+        &mut self,
+        key: &KeyRecord<'_>,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+
+    /// Inserts a new order.
+    fn insert_order(&mut self, order: &Order) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Reads an order by id.
+    fn fetch_order(&mut self, id: OrderId) -> impl Future<Output = Result<Order, Error>> + Send;
+}
+
+/// Places `new` for `account` within `tx`: creates the order, replays the
+/// order the live key points to, or refuses a key reused with other fields.
+/// The caller commits when this returns `Ok`, and rolls back otherwise.
+pub(super) async fn place(
+    tx: &mut impl PlaceTx,
+    account: &AccountId,
+    new: NewOrder,
+    now: Timestamp,
+    ttl: Duration,
+) -> Result<(Order, Placement), Error> {
+    let record = KeyRecord {
+        account_id: account,
+        client_request_id: new.client_request_id,
+        fingerprint: new.fingerprint(),
+        order_id: OrderId::generate(),
+        create_time: now,
+        expire_time: now.add(ttl),
+    };
+    // Another transaction can change the key between two statements only by
+    // purging or replacing an expired row; each such change ends the next
+    // round, so a few rounds always suffice.
+    for _ in 0..3 {
+        if tx.insert_key(&record).await? {
+            return create(tx, account, new, &record, Placement::Created).await;
+        }
+        let Some(stored) = tx.read_key(account, record.client_request_id).await? else {
+            continue; // purged in between: insert again
+        };
+        if stored.expire_time > now {
+            let existing = tx.fetch_order(stored.order_id).await?;
+            if stored.fingerprint == record.fingerprint.0 {
+                return Ok((existing, Placement::Replayed));
+            }
+            let mismatched = new.mismatched_fields(&existing);
+            return Err(Error::KeyReused { order_id: existing.order_id, mismatched });
+        }
+        if tx.replace_expired_key(&record).await? {
+            return create(tx, account, new, &record, Placement::ExpiredReuse).await;
+        }
+        // Another call replaced the expired key first: read it again.
+    }
+    Err(Error::internal("placing an order", "the idempotency key changed on every attempt"))
+}
+
+async fn create(
+    tx: &mut impl PlaceTx,
+    account: &AccountId,
+    new: NewOrder,
+    record: &KeyRecord<'_>,
+    placement: Placement,
+) -> Result<(Order, Placement), Error> {
+    let order = new.into_order(account.clone(), record.order_id, record.create_time);
+    tx.insert_order(&order).await?;
+    Ok((order, placement))
+}

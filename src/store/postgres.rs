@@ -1,0 +1,339 @@
+//! The Postgres store, for production and for any number of replicas.
+//!
+//! Native types (`uuid`, `numeric(38,18)`, `timestamptz`). The PlaceOrder
+//! transaction runs at READ COMMITTED: a duplicate racing the first call, on
+//! any replica, waits on the key's unique index until the first transaction
+//! ends, then replays its order. That wait is bounded by `lock_timeout`
+//! (shortened to the caller's deadline): past it the call answers `ABORTED`
+//! with `IDEMPOTENCY_KEY_IN_USE`. Migrations take Postgres's advisory lock, so
+//! replicas starting together apply them once.
+
+use std::{str::FromStr, time::Duration};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{
+    PgPool, Postgres, Transaction,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use uuid::Uuid;
+
+use super::{
+    OrderRecord, Placement, StoreOptions,
+    place::{self, KeyRecord, PlaceTx, StoredKey},
+};
+use crate::{
+    domain::{AccountId, ClientRequestId, NewOrder, Order, OrderId, Timestamp},
+    error::Error,
+};
+
+/// The order columns, in the order [`OrderRow`] reads them. `trim_scale`
+/// drops the trailing zeros `numeric(38,18)` pads with.
+macro_rules! order_columns {
+    () => {
+        "order_id, account_id, client_request_id, symbol, side, order_type, \
+         trim_scale(quantity) as quantity, trim_scale(limit_price) as limit_price, \
+         time_in_force, status, create_time, update_time"
+    };
+}
+
+/// Orders and idempotency keys in a Postgres database.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+fn to_datetime(t: Timestamp) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.as_micros()).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+fn from_datetime(t: DateTime<Utc>) -> Timestamp {
+    Timestamp::from_micros(t.timestamp_micros())
+}
+
+/// A duration as a Postgres setting in milliseconds (at least 1: 0 disables).
+fn millis_setting(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+impl PgStore {
+    /// Connects to the database named by `url` and migrates it.
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, sqlx::Error> {
+        let connect = PgConnectOptions::from_str(url)?
+            .application_name("order-service")
+            // Every statement waits at most this long for a row lock.
+            .options([("lock_timeout", millis_setting(options.lock_timeout))]);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub(super) async fn place_order(
+        &self,
+        account: &AccountId,
+        new: NewOrder,
+        now: Timestamp,
+        ttl: Duration,
+        lock_wait: Duration,
+    ) -> Result<(Order, Placement), Error> {
+        let mut tx = self.pool.begin().await.map_err(db("beginning the order transaction"))?;
+        sqlx::query("select set_config('lock_timeout', $1, true)")
+            .bind(millis_setting(lock_wait))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("bounding the lock wait"))?;
+        let placed = place::place(&mut tx, account, new, now, ttl).await?;
+        tx.commit().await.map_err(db("committing the order"))?;
+        Ok(placed)
+    }
+
+    pub(super) async fn get_order(&self, account: &AccountId, id: OrderId) -> Result<Order, Error> {
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "select ",
+            order_columns!(),
+            " from orders where order_id = $1 and account_id = $2"
+        ))
+        .bind(id.uuid())
+        .bind(account.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading the order"))?;
+        row.ok_or(Error::NotFound)?.try_into()
+    }
+
+    pub(super) async fn get_order_by_key(
+        &self,
+        account: &AccountId,
+        key: ClientRequestId,
+        now: Timestamp,
+    ) -> Result<Order, Error> {
+        let live: Option<OrderRow> = sqlx::query_as(concat!(
+            "select ",
+            order_columns!(),
+            r" from orders where order_id = (
+                   select order_id from idempotency_keys
+                   where account_id = $1 and client_request_id = $2 and expire_time > $3)"
+        ))
+        .bind(account.as_str())
+        .bind(key.uuid())
+        .bind(to_datetime(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading the order by its key"))?;
+        if let Some(row) = live {
+            return row.try_into();
+        }
+        let newest: Option<OrderRow> = sqlx::query_as(concat!(
+            "select ",
+            order_columns!(),
+            r" from orders where account_id = $1 and client_request_id = $2
+               order by create_time desc, order_id desc limit 1"
+        ))
+        .bind(account.as_str())
+        .bind(key.uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading the newest order of a key"))?;
+        newest.ok_or(Error::NotFound)?.try_into()
+    }
+
+    /// Skips keys another replica's purge has locked, so purges on every
+    /// replica never wait on each other.
+    pub(super) async fn purge_expired_keys(&self, now: Timestamp, limit: u32) -> Result<u64, Error> {
+        let result = sqlx::query(
+            r"delete from idempotency_keys
+              where (account_id, client_request_id) in (
+                  select account_id, client_request_id from idempotency_keys
+                  where expire_time <= $1 order by expire_time limit $2
+                  for update skip locked)",
+        )
+        .bind(to_datetime(now))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db("purging expired idempotency keys"))?;
+        Ok(result.rows_affected())
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+impl PlaceTx for Transaction<'_, Postgres> {
+    async fn insert_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
+        let result = sqlx::query(
+            r"insert into idempotency_keys
+                  (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
+              values ($1, $2, $3, $4, $5, $6)
+              on conflict (account_id, client_request_id) do nothing",
+        )
+        .bind(key.account_id.as_str())
+        .bind(key.client_request_id.uuid())
+        .bind(&key.fingerprint.0[..])
+        .bind(key.order_id.uuid())
+        .bind(to_datetime(key.create_time))
+        .bind(to_datetime(key.expire_time))
+        .execute(&mut **self)
+        .await
+        .map_err(db_key("inserting the idempotency key"))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn read_key(
+        &mut self,
+        account: &AccountId,
+        key: ClientRequestId,
+    ) -> Result<Option<StoredKey>, Error> {
+        let row: Option<(Vec<u8>, Uuid, DateTime<Utc>)> = sqlx::query_as(
+            r"select fingerprint, order_id, expire_time from idempotency_keys
+              where account_id = $1 and client_request_id = $2",
+        )
+        .bind(account.as_str())
+        .bind(key.uuid())
+        .fetch_optional(&mut **self)
+        .await
+        .map_err(db_key("reading the idempotency key"))?;
+        Ok(row.map(|(fingerprint, order_id, expire_time)| StoredKey {
+            fingerprint,
+            order_id: OrderId::from_uuid(order_id),
+            expire_time: from_datetime(expire_time),
+        }))
+    }
+
+    async fn replace_expired_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
+        let result = sqlx::query(
+            r"update idempotency_keys
+              set fingerprint = $1, order_id = $2, create_time = $3, expire_time = $4
+              where account_id = $5 and client_request_id = $6 and expire_time <= $3",
+        )
+        .bind(&key.fingerprint.0[..])
+        .bind(key.order_id.uuid())
+        .bind(to_datetime(key.create_time))
+        .bind(to_datetime(key.expire_time))
+        .bind(key.account_id.as_str())
+        .bind(key.client_request_id.uuid())
+        .execute(&mut **self)
+        .await
+        .map_err(db_key("replacing the expired idempotency key"))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn insert_order(&mut self, order: &Order) -> Result<(), Error> {
+        sqlx::query(
+            r"insert into orders (order_id, account_id, client_request_id, symbol, side, order_type,
+                  quantity, limit_price, time_in_force, status, create_time, update_time)
+              values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(order.order_id.uuid())
+        .bind(order.account_id.as_str())
+        .bind(order.client_request_id.uuid())
+        .bind(order.symbol.as_str())
+        .bind(order.side.as_str())
+        .bind(order.order_type.as_str())
+        .bind(order.quantity.value())
+        .bind(order.limit_price.map(|p| p.value()))
+        .bind(order.time_in_force.as_str())
+        .bind(order.status.as_str())
+        .bind(to_datetime(order.create_time))
+        .bind(to_datetime(order.update_time))
+        .execute(&mut **self)
+        .await
+        .map_err(db("inserting the order"))?;
+        Ok(())
+    }
+
+    async fn fetch_order(&mut self, id: OrderId) -> Result<Order, Error> {
+        let row: OrderRow =
+            sqlx::query_as(concat!("select ", order_columns!(), " from orders where order_id = $1"))
+                .bind(id.uuid())
+                .fetch_one(&mut **self)
+                .await
+                .map_err(db("reading the order of an idempotency key"))?;
+        row.try_into()
+    }
+}
+
+/// Whether retrying later can succeed: the connection or server is gone,
+/// the server is out of resources or shutting down, a standby refused a
+/// write, a statement was cancelled, or no pooled connection was free.
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
+            code.starts_with("08") // connection exception
+                || code.starts_with("53") // insufficient resources
+                || code.starts_with("57P") // admin or crash shutdown, cannot connect now
+                || matches!(&*code, "57014" | "25006" | "40001" | "40P01" | "55P03")
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Maps a sqlx error to `UNAVAILABLE` when retrying later can succeed, else
+/// to `INTERNAL`.
+fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |error| {
+        if is_unavailable(&error) {
+            Error::Unavailable { context, source: error.into() }
+        } else {
+            Error::internal(context, error)
+        }
+    }
+}
+
+/// As [`db`], for statements on the key row: a lock timeout there means
+/// another call is placing this key (`ABORTED`, `IDEMPOTENCY_KEY_IN_USE`).
+fn db_key(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |error| match &error {
+        sqlx::Error::Database(e) if e.code().as_deref() == Some("55P03") => Error::KeyInUse,
+        _ => db(context)(error),
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    order_id: Uuid,
+    account_id: String,
+    client_request_id: Uuid,
+    symbol: String,
+    side: String,
+    order_type: String,
+    quantity: Decimal,
+    limit_price: Option<Decimal>,
+    time_in_force: String,
+    status: String,
+    create_time: DateTime<Utc>,
+    update_time: DateTime<Utc>,
+}
+
+impl TryFrom<OrderRow> for Order {
+    type Error = Error;
+
+    fn try_from(row: OrderRow) -> Result<Self, Error> {
+        OrderRecord {
+            order_id: row.order_id,
+            account_id: row.account_id,
+            client_request_id: row.client_request_id,
+            symbol: row.symbol,
+            side: row.side,
+            order_type: row.order_type,
+            quantity: row.quantity,
+            limit_price: row.limit_price,
+            time_in_force: row.time_in_force,
+            status: row.status,
+            create_time: from_datetime(row.create_time),
+            update_time: from_datetime(row.update_time),
+        }
+        .try_into()
+    }
+}
