@@ -13,14 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let mut compiler = protox::Compiler::new(["proto"])?;
-    compiler
-        .include_imports(true)
-        .include_source_info(true)
-        .open_file("orders/v1/orders.proto")?;
-    std::fs::write(
-        out_dir.join("orders_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    compiler.include_imports(true).include_source_info(true).open_file("orders/v1/orders.proto")?;
+    std::fs::write(out_dir.join("orders_descriptor.bin"), compiler.encode_file_descriptor_set())?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -5,24 +5,16 @@ use tonic_health::pb::{
 };
 use tonic_reflection::pb::{v1, v1alpha};
 
-use crate::helpers::{channel, spawn_app};
+use crate::helpers::{Engine, channel, engine_tests, spawn_app};
 
-#[tokio::test]
-async fn reflection_v1_lists_the_services() {
-    let app = spawn_app().await;
-    let mut client =
-        v1::server_reflection_client::ServerReflectionClient::new(channel(app.addr).await);
+async fn reflection_v1_lists_the_services(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel(app.addr).await);
     let req = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
     };
-    let mut answers = client
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut answers = client.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
     let answer = answers.message().await.unwrap().expect("one answer");
     let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
         answer.message_response
@@ -30,82 +22,54 @@ async fn reflection_v1_lists_the_services() {
         panic!("unexpected answer {answer:?}");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"orders.v1.OrderService".to_owned()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_owned()),
-        "{names:?}"
-    );
+    assert!(names.contains(&"orders.v1.OrderService".to_owned()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
 }
 
-#[tokio::test]
-async fn reflection_v1alpha_lists_the_services_and_describes_error_details() {
-    use v1alpha::{
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let app = spawn_app().await;
-    let mut client =
-        v1alpha::server_reflection_client::ServerReflectionClient::new(channel(app.addr).await);
+async fn reflection_v1alpha_lists_the_services_and_describes_error_details(engine: Engine) {
+    use v1alpha::{server_reflection_request::MessageRequest, server_reflection_response::MessageResponse};
+    let app = spawn_app(engine).await;
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel(app.addr).await);
     let reqs = [
         MessageRequest::ListServices(String::new()),
         // grpcurl resolves error details by symbol to print them as JSON.
         MessageRequest::FileContainingSymbol("google.rpc.ErrorInfo".to_owned()),
         MessageRequest::FileContainingSymbol("orders.v1.PlaceOrderRequest".to_owned()),
     ]
-    .map(|m| v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(m),
-    });
-    let mut answers = client
-        .server_reflection_info(tokio_stream::iter(reqs))
-        .await
-        .unwrap()
-        .into_inner();
+    .map(|m| v1alpha::ServerReflectionRequest { host: String::new(), message_request: Some(m) });
+    let mut answers = client.server_reflection_info(tokio_stream::iter(reqs)).await.unwrap().into_inner();
 
     let answer = answers.message().await.unwrap().expect("list answer");
     let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
         panic!("unexpected answer {answer:?}");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"orders.v1.OrderService".to_owned()),
-        "{names:?}"
-    );
+    assert!(names.contains(&"orders.v1.OrderService".to_owned()), "{names:?}");
     for symbol in ["google.rpc.ErrorInfo", "orders.v1.PlaceOrderRequest"] {
         let answer = answers.message().await.unwrap().expect("file answer");
         assert!(
-            matches!(
-                answer.message_response,
-                Some(MessageResponse::FileDescriptorResponse(_))
-            ),
+            matches!(answer.message_response, Some(MessageResponse::FileDescriptorResponse(_))),
             "{symbol}: {answer:?}"
         );
     }
 }
 
-#[tokio::test]
-async fn health_is_serving_for_the_server_and_the_order_service() {
-    let app = spawn_app().await;
+async fn health_is_serving_for_the_server_and_the_order_service(engine: Engine) {
+    let app = spawn_app(engine).await;
     let mut health = HealthClient::new(channel(app.addr).await);
     for service in ["", "orders.v1.OrderService"] {
         let resp = health
-            .check(HealthCheckRequest {
-                service: service.to_owned(),
-            })
+            .check(HealthCheckRequest { service: service.to_owned() })
             .await
             .unwrap_or_else(|e| panic!("{service:?}: {e}"));
-        assert_eq!(
-            resp.into_inner().status(),
-            ServingStatus::Serving,
-            "{service:?}"
-        );
+        assert_eq!(resp.into_inner().status(), ServingStatus::Serving, "{service:?}");
     }
-    let unknown = health
-        .check(HealthCheckRequest {
-            service: "nope.v1.Nope".to_owned(),
-        })
-        .await;
+    let unknown = health.check(HealthCheckRequest { service: "nope.v1.Nope".to_owned() }).await;
     assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
 }
+
+engine_tests!(
+    reflection_v1_lists_the_services,
+    reflection_v1alpha_lists_the_services_and_describes_error_details,
+    health_is_serving_for_the_server_and_the_order_service,
+);

@@ -1,7 +1,13 @@
-//! Test harness: a real server on 127.0.0.1:0 over a fresh SQLite file, a
-//! connected gRPC client, and direct access to the database for assertions.
+//! Test harness: a real server on 127.0.0.1:0 over a fresh database of either
+//! engine, a connected gRPC client, and direct access to the database for
+//! assertions.
+//!
+//! Each test body is an `async fn(Engine)`; [`engine_tests!`] turns it into a
+//! SQLite test and a Postgres test. The Postgres ones are ignored unless run
+//! with `--include-ignored` (as `scripts/test` does) and need
+//! `TEST_DATABASE_URL`; each gets a database of its own on that server.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::Path, sync::Arc};
 
 use order_service::{
     clock::ManualClock,
@@ -10,42 +16,174 @@ use order_service::{
     startup::Application,
     store::Store,
 };
-use sqlx::{SqlitePool, sqlite::SqliteConnectOptions};
+use sqlx::{Connection, PgConnection, PgPool, SqlitePool};
 use tempfile::TempDir;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
+/// Generates `mod sqlite` and `mod postgres`, each with one test per name
+/// calling the `async fn name(engine: Engine)` of the enclosing module.
+macro_rules! engine_tests {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::helpers::Engine::Sqlite).await
+                }
+            )+
+        }
+        $crate::helpers::postgres_tests!($($name),+);
+    };
+}
+
+/// Generates `mod postgres` with one Postgres-only test per name.
+macro_rules! postgres_tests {
+    ($($name:ident),+ $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                #[ignore = "needs TEST_DATABASE_URL; scripts/test runs it"]
+                async fn $name() {
+                    super::$name($crate::helpers::Engine::Postgres).await
+                }
+            )+
+        }
+    };
+}
+
+pub(crate) use {engine_tests, postgres_tests};
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty database: its URL, and the temp dir a SQLite file lives in.
+pub struct TestDatabase {
+    pub url: String,
+    _dir: Option<TempDir>,
+}
+
+impl TestDatabase {
+    pub async fn new(engine: Engine) -> Arc<Self> {
+        Arc::new(match engine {
+            Engine::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("orders.db").display());
+                Self { url, _dir: Some(dir) }
+            }
+            Engine::Postgres => {
+                let admin = std::env::var("TEST_DATABASE_URL")
+                    .expect("TEST_DATABASE_URL is not set: run scripts/test, which starts a Postgres");
+                let name = format!("order_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = PgConnection::connect(&admin).await.expect("connect to TEST_DATABASE_URL");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create a test database");
+                conn.close().await.ok();
+                Self { url: with_database(&admin, &name), _dir: None }
+            }
+        })
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let (scheme, rest) = base.split_once("://").expect("a URL");
+    let host = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{host}/{name}{query}")
+}
+
+/// A direct connection to a test database, for assertions.
+pub enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl Db {
+    pub async fn connect(url: &str) -> Db {
+        if url.starts_with("sqlite:") {
+            Db::Sqlite(SqlitePool::connect(url).await.expect("open the test database"))
+        } else {
+            Db::Postgres(PgPool::connect(url).await.expect("open the test database"))
+        }
+    }
+
+    /// The one `bigint` value `sql` selects.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Db::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Db::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        }
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The text values `sql` selects, in order.
+    pub async fn strings(&self, sql: &str) -> Vec<String> {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Db::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+            Db::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+        }
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs `sql` for its effect.
+    pub async fn execute(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Db::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+            Db::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        }
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
 /// A running server and what a test needs to talk to it.
 pub struct TestApp {
+    pub engine: Engine,
     pub addr: SocketAddr,
     pub client: OrderServiceClient<Channel>,
     pub store: Store,
     pub clock: Arc<ManualClock>,
     pub config: Config,
-    dir: Arc<TempDir>,
+    database: Arc<TestDatabase>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 /// A server with default settings on a fresh database.
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with(|_| {}).await
+pub async fn spawn_app(engine: Engine) -> TestApp {
+    spawn_app_with(engine, |_| {}).await
 }
 
 /// A server on a fresh database, with `configure` applied to its config.
-pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
-    let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+pub async fn spawn_app_with(engine: Engine, configure: impl FnOnce(&mut Config)) -> TestApp {
+    let database = TestDatabase::new(engine).await;
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".parse().unwrap();
-    config.database_url = format!("sqlite://{}", dir.path().join("orders.db").display());
+    config.database_url = database.url.clone();
     configure(&mut config);
-    start(config, dir, Arc::new(ManualClock::new())).await
+    start(engine, config, database, Arc::new(ManualClock::new())).await
 }
 
-async fn start(config: Config, dir: Arc<TempDir>, clock: Arc<ManualClock>) -> TestApp {
-    let app = Application::build_with_clock(config.clone(), clock.clone())
-        .await
-        .expect("build the application");
+async fn start(
+    engine: Engine,
+    config: Config,
+    database: Arc<TestDatabase>,
+    clock: Arc<ManualClock>,
+) -> TestApp {
+    let app =
+        Application::build_with_clock(config.clone(), clock.clone()).await.expect("build the application");
     let addr = app.local_addr();
     let store = app.store().clone();
     let (tx, rx) = oneshot::channel::<()>();
@@ -53,16 +191,7 @@ async fn start(config: Config, dir: Arc<TempDir>, clock: Arc<ManualClock>) -> Te
         let _ = rx.await;
     }));
     let client = OrderServiceClient::new(channel(addr).await);
-    TestApp {
-        addr,
-        client,
-        store,
-        clock,
-        config,
-        dir,
-        shutdown: Some(tx),
-        server: Some(server),
-    }
+    TestApp { engine, addr, client, store, clock, config, database, shutdown: Some(tx), server: Some(server) }
 }
 
 /// A fresh connection (HTTP/2 channel) to `addr`.
@@ -85,41 +214,32 @@ impl TestApp {
         }
     }
 
-    /// Stops this server and starts another on the same database file.
+    /// Stops this server and starts another on the same database.
     pub async fn restart(mut self) -> TestApp {
         self.stop().await;
-        start(self.config.clone(), self.dir.clone(), self.clock.clone()).await
+        start(self.engine, self.config.clone(), self.database.clone(), self.clock.clone()).await
     }
 
-    /// A second server on the same database file, as another replica would be.
+    /// Another server on the same database, as another replica would be.
     pub async fn another_instance(&self) -> TestApp {
         let mut config = self.config.clone();
         config.listen = "127.0.0.1:0".parse().unwrap();
-        start(config, self.dir.clone(), self.clock.clone()).await
+        start(self.engine, config, self.database.clone(), self.clock.clone()).await
     }
 
-    /// The SQLite file behind the server.
-    pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("orders.db")
-    }
-
-    /// A separate connection pool to the server's database, for assertions.
-    pub async fn db(&self) -> SqlitePool {
-        SqlitePool::connect_with(SqliteConnectOptions::new().filename(self.db_path()))
-            .await
-            .expect("open the test database")
+    /// A direct connection to the server's database.
+    pub async fn db(&self) -> Db {
+        Db::connect(&self.config.database_url).await
     }
 
     /// How many rows `table` holds.
     pub async fn count(&self, table: &str) -> i64 {
-        let pool = self.db().await;
-        let sql = format!("select count(*) from {table}");
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&pool)
-            .await
-            .expect("count rows");
-        pool.close().await;
-        n
+        self.db().await.scalar(&format!("select count(*) from {table}")).await
+    }
+
+    /// Places `req`, expecting success.
+    pub async fn place(&mut self, req: PlaceOrderRequest) -> order_service::proto::PlaceOrderResponse {
+        self.client.place_order(req).await.expect("PlaceOrder succeeds").into_inner()
     }
 }
 
@@ -147,4 +267,9 @@ pub fn limit_order(key: &str) -> PlaceOrderRequest {
         limit_price: "187.5".to_owned(),
         time_in_force: 0,
     }
+}
+
+/// The path of a file in this repository.
+pub fn repo_path(relative: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }

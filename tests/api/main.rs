@@ -6,6 +6,7 @@ mod failures;
 mod get_order;
 mod helpers;
 mod place_order;
+mod postgres;
 mod races;
 mod shutdown;
 mod validation;

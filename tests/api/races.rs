@@ -5,11 +5,10 @@ use std::collections::HashSet;
 use order_service::proto::order_service_client::OrderServiceClient;
 use tokio::task::JoinSet;
 
-use crate::helpers::{channel, limit_order, new_key, spawn_app};
+use crate::helpers::{Engine, channel, engine_tests, limit_order, new_key, spawn_app};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_hundred_concurrent_identical_place_orders_create_one_order_and_99_replays() {
-    let app = spawn_app().await;
+async fn a_hundred_concurrent_identical_place_orders_create_one_order_and_99_replays(engine: Engine) {
+    let app = spawn_app(engine).await;
     let key = new_key();
     // Spread the calls over several connections, as retries from several
     // client instances would arrive.
@@ -41,9 +40,8 @@ async fn a_hundred_concurrent_identical_place_orders_create_one_order_and_99_rep
     assert_eq!(app.count("idempotency_keys").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_hundred_concurrent_distinct_keys_create_two_hundred_orders() {
-    let app = spawn_app().await;
+async fn two_hundred_concurrent_distinct_keys_create_two_hundred_orders(engine: Engine) {
+    let app = spawn_app(engine).await;
     let mut calls = JoinSet::new();
     let keys: Vec<String> = (0..200).map(|_| new_key()).collect();
     for key in &keys {
@@ -56,37 +54,37 @@ async fn two_hundred_concurrent_distinct_keys_create_two_hundred_orders() {
         let resp = result.unwrap().expect("every order succeeds");
         assert!(!resp.replayed);
         let order = resp.order.unwrap();
-        assert!(
-            seen.insert(order.client_request_id.clone()),
-            "one answer per key"
-        );
+        assert!(seen.insert(order.client_request_id.clone()), "one answer per key");
     }
     assert_eq!(seen, keys.into_iter().collect::<HashSet<_>>());
     assert_eq!(app.count("orders").await, 200);
-    let pool = app.db().await;
-    let distinct: i64 = sqlx::query_scalar(
-        "select count(*) from idempotency_keys k join orders o on o.order_id = k.order_id \
-         where o.client_request_id = k.client_request_id",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let distinct = app
+        .db()
+        .await
+        .scalar(
+            "select count(*) from idempotency_keys k join orders o on o.order_id = k.order_id \
+             where o.client_request_id = k.client_request_id",
+        )
+        .await;
     assert_eq!(distinct, 200, "every key points to its own order");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn duplicates_racing_on_two_server_instances_over_one_file_create_one_order() {
-    let first = spawn_app().await;
-    let second = first.another_instance().await;
-    let keys: Vec<String> = (0..20).map(|_| new_key()).collect();
+async fn three_replicas_racing_200_keys_sent_5_times_each_create_200_orders(engine: Engine) {
+    let first = spawn_app(engine).await;
+    let (second, third) = tokio::join!(first.another_instance(), first.another_instance());
+    let replicas = [&first, &second, &third];
+    let keys: Vec<String> = (0..200).map(|_| new_key()).collect();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(keys.len() * 5));
     let mut calls = JoinSet::new();
-    for key in &keys {
-        for app in [&first, &second] {
-            for _ in 0..3 {
-                let mut client = app.client.clone();
-                let req = limit_order(key);
-                calls.spawn(async move { client.place_order(req).await.map(|r| r.into_inner()) });
-            }
+    for (k, key) in keys.iter().enumerate() {
+        for copy in 0..5 {
+            let mut client = replicas[(k + copy) % replicas.len()].client.clone();
+            let req = limit_order(key);
+            let barrier = barrier.clone();
+            calls.spawn(async move {
+                barrier.wait().await;
+                client.place_order(req).await.map(|r| r.into_inner())
+            });
         }
     }
     let mut created = 0;
@@ -95,15 +93,24 @@ async fn duplicates_racing_on_two_server_instances_over_one_file_create_one_orde
         let resp = result.unwrap().expect("every duplicate succeeds");
         created += usize::from(!resp.replayed);
         let order = resp.order.unwrap();
-        let id = answers
-            .entry(order.client_request_id)
-            .or_insert(order.order_id.clone());
-        assert_eq!(
-            *id, order.order_id,
-            "one order per key, whichever instance answered"
-        );
+        let id = answers.entry(order.client_request_id).or_insert(order.order_id.clone());
+        assert_eq!(*id, order.order_id, "every reply for a key names the same order");
     }
-    assert_eq!(created, keys.len(), "exactly one creation per key");
-    assert_eq!(first.count("orders").await, keys.len() as i64);
-    assert_eq!(first.count("idempotency_keys").await, keys.len() as i64);
+    let db = first.db().await;
+    let orders = db.scalar("select count(*) from orders").await;
+    let keys_stored = db.scalar("select count(*) from idempotency_keys").await;
+    let duplicates =
+        db.scalar("select count(*) from (select client_request_id from orders group by client_request_id having count(*) > 1) d").await;
+    println!(
+        "replica race ({engine:?}): orders={orders} keys={keys_stored} duplicates={duplicates} created={created}"
+    );
+    assert_eq!(answers.len(), 200);
+    assert_eq!(created, 200, "exactly one creation per key");
+    assert_eq!((orders, keys_stored, duplicates), (200, 200, 0));
 }
+
+engine_tests!(
+    a_hundred_concurrent_identical_place_orders_create_one_order_and_99_replays,
+    two_hundred_concurrent_distinct_keys_create_two_hundred_orders,
+    three_replicas_racing_200_keys_sent_5_times_each_create_200_orders,
+);

@@ -19,21 +19,14 @@ use tokio::{
 };
 use tonic::Code;
 
-use crate::helpers::{channel, limit_order, new_key};
+use crate::helpers::{Db, Engine, TestDatabase, channel, engine_tests, limit_order, new_key};
 
 const BIN: &str = env!("CARGO_BIN_EXE_order-service");
 
 /// Starts the binary on a free port; returns it once it logs its address.
 async fn start_server(database_url: &str) -> (Child, SocketAddr) {
     let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--database-url",
-            database_url,
-        ])
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--database-url", database_url])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -42,11 +35,7 @@ async fn start_server(database_url: &str) -> (Child, SocketAddr) {
         .expect("start the server binary");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("the server exited before listening");
+        let line = lines.next_line().await.unwrap().expect("the server exited before listening");
         let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
         if event["message"] == "listening" {
             break event["addr"].as_str().unwrap().parse().unwrap();
@@ -59,19 +48,13 @@ async fn start_server(database_url: &str) -> (Child, SocketAddr) {
 
 fn sigterm(child: &Child) {
     let pid = child.id().expect("running").to_string();
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success();
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success();
     assert!(ok, "kill -TERM {pid}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("orders.db").display());
-    let (mut child, addr) = start_server(&url).await;
+async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_exits_zero(engine: Engine) {
+    let database = TestDatabase::new(engine).await;
+    let (mut child, addr) = start_server(&database.url).await;
 
     let done = Arc::new(AtomicUsize::new(0));
     let enough = Arc::new(Notify::new());
@@ -118,24 +101,18 @@ async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_
         acknowledged.extend(keys.unwrap());
     }
     assert!(acknowledged.len() >= 50);
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let db = Db::connect(&database.url).await;
     for key in &acknowledged {
-        let n: i64 = sqlx::query_scalar("select count(*) from orders where client_request_id = ?")
-            .bind(key)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let n = db
+            .scalar(&format!("select count(*) from orders where cast(client_request_id as text) = '{key}'"))
+            .await;
         assert_eq!(n, 1, "acknowledged key {key} has exactly one order");
     }
 }
 
 #[tokio::test]
 async fn a_bad_flag_exits_non_zero_with_one_clear_line() {
-    let out = Command::new(BIN)
-        .args(["--idempotency-ttl", "soon"])
-        .output()
-        .await
-        .unwrap();
+    let out = Command::new(BIN).args(["--idempotency-ttl", "soon"]).output().await.unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
@@ -145,12 +122,7 @@ async fn a_bad_flag_exits_non_zero_with_one_clear_line() {
 #[tokio::test]
 async fn an_unopenable_database_exits_non_zero_with_one_clear_line() {
     let out = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            "sqlite:///nonexistent-dir/sub/orders.db",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--database-url", "sqlite:///nonexistent-dir/sub/orders.db"])
         .output()
         .await
         .unwrap();
@@ -159,3 +131,5 @@ async fn an_unopenable_database_exits_non_zero_with_one_clear_line() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "stderr: {stderr}");
     assert!(stderr.contains("cannot open database"), "stderr: {stderr}");
 }
+
+engine_tests!(sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_exits_zero);

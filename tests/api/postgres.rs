@@ -1,0 +1,157 @@
+//! Postgres only: a duplicate waits for the call in flight with its key, and
+//! the service rides out a database restart.
+
+use std::time::Duration;
+
+use order_service::proto::{GetOrderRequest, get_order_request::Lookup};
+use sqlx::{Connection, PgConnection};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::helpers::{Engine, limit_order, new_key, postgres_tests, repo_path, spawn_app, spawn_app_with};
+
+/// Holds the key's row lock from another connection, as a call in flight
+/// would: inserts the key and its order in a transaction left open.
+async fn hold_key(url: &str, key: &str) -> (PgConnection, String) {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let order_id = uuid::Uuid::now_v7().to_string();
+    let sql = format!(
+        "begin;
+         insert into orders (order_id, account_id, client_request_id, symbol, side, order_type, quantity,
+             limit_price, time_in_force, status, create_time, update_time)
+         values ('{order_id}', 'anonymous', '{key}', 'AAPL', 'BUY', 'LIMIT', 10, 187.5, 'GTC', 'NEW', now(), now());
+         insert into idempotency_keys (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
+         select 'anonymous', '{key}', k.fingerprint, '{order_id}', now(), now() + interval '1 day'
+         from (select fingerprint from idempotency_keys limit 1) k;"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
+    (conn, order_id)
+}
+
+/// Waits (bounded) until some backend is blocked on a lock.
+async fn until_a_call_waits_on_a_lock(url: &str) {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no call ever waited on the key's lock");
+}
+
+async fn a_duplicate_waits_for_the_call_in_flight_and_replays_its_order(engine: Engine) {
+    let mut app = spawn_app(engine).await;
+    let url = app.config.database_url.clone();
+    // A real order gives the held key the fingerprint of `limit_order`.
+    let seed = new_key();
+    app.place(limit_order(&seed)).await;
+
+    let key = new_key();
+    let (mut holder, held_order_id) = hold_key(&url, &key).await;
+    let mut client = app.client.clone();
+    let duplicate = tokio::spawn(async move { client.place_order(limit_order(&key)).await });
+    until_a_call_waits_on_a_lock(&url).await;
+    assert!(!duplicate.is_finished(), "the duplicate waits while the first call is in flight");
+    sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
+
+    let resp = duplicate.await.unwrap().expect("the duplicate replays").into_inner();
+    assert!(resp.replayed);
+    assert_eq!(resp.order.unwrap().order_id, held_order_id);
+    assert_eq!(app.count("orders").await, 2);
+}
+
+async fn a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use(engine: Engine) {
+    let mut app = spawn_app_with(engine, |c| c.lock_timeout = Duration::from_secs(1)).await;
+    let url = app.config.database_url.clone();
+    let seed = new_key();
+    app.place(limit_order(&seed)).await;
+
+    let key = new_key();
+    let (mut holder, _) = hold_key(&url, &key).await;
+    // A caller's deadline shorter than the lock timeout...
+    let mut req = tonic::Request::new(limit_order(&key));
+    req.set_timeout(Duration::from_millis(400));
+    let deadline = app.client.place_order(req).await.expect_err("in use");
+    // ...and the lock timeout without a deadline.
+    let timeout = app.client.place_order(limit_order(&key)).await.expect_err("in use");
+    for status in [deadline, timeout] {
+        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        let details = status.get_error_details();
+        assert_eq!(details.error_info().expect("ErrorInfo").reason, "IDEMPOTENCY_KEY_IN_USE");
+        assert!(details.retry_info().expect("RetryInfo").retry_delay.is_some());
+    }
+    sqlx::raw_sql("rollback").execute(&mut holder).await.unwrap();
+    // The first call never committed: the key is free, and the retry creates.
+    let resp = app.place(limit_order(&key)).await;
+    assert!(!resp.replayed);
+    assert_eq!(app.count("orders").await, 2);
+}
+
+/// A private Postgres cluster this test may stop and start.
+struct Cluster(tempfile::TempDir);
+
+impl Cluster {
+    fn run(&self, verb: &str) -> String {
+        let out = std::process::Command::new(repo_path("scripts/pg-cluster"))
+            .arg(verb)
+            .arg(self.0.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg-cluster {verb}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(repo_path("scripts/pg-cluster"))
+            .arg("stop")
+            .arg(self.0.path())
+            .output();
+    }
+}
+
+async fn calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_back(engine: Engine) {
+    assert_eq!(engine, Engine::Postgres);
+    let cluster = Cluster(tempfile::tempdir().unwrap());
+    let url = cluster.run("start");
+    let mut app = spawn_app_with(engine, |c| {
+        c.database_url = url.clone();
+        c.db_acquire_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let before = new_key();
+    app.place(limit_order(&before)).await;
+
+    cluster.run("stop");
+    let key = new_key();
+    for attempt in 0..3 {
+        let status = app.client.place_order(limit_order(&key)).await.expect_err("database down");
+        assert_eq!(status.code(), Code::Unavailable, "attempt {attempt}: {status:?}");
+        assert_eq!(
+            status.get_error_details().error_info().expect("ErrorInfo").reason,
+            "DATASTORE_UNAVAILABLE"
+        );
+    }
+    let get = GetOrderRequest { lookup: Some(Lookup::ClientRequestId(before.clone())) };
+    assert_eq!(app.client.get_order(get.clone()).await.unwrap_err().code(), Code::Unavailable);
+
+    cluster.run("start");
+    let resp = app.place(limit_order(&key)).await;
+    assert!(!resp.replayed, "nothing was half-written while the database was down");
+    assert_eq!(app.client.get_order(get).await.unwrap().into_inner().client_request_id, before);
+    assert_eq!(app.count("orders").await, 2);
+}
+
+postgres_tests!(
+    a_duplicate_waits_for_the_call_in_flight_and_replays_its_order,
+    a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use,
+    calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_back,
+);
