@@ -53,12 +53,25 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(options.lock_timeout)
             .foreign_keys(true);
+        // SQLite has no migration lock: servers starting together on one file
+        // would race to switch it to WAL and to apply the same migration. Take
+        // turns on a lock file beside the database while setting it up.
+        let lock_path = format!("{}.startup-lock", connect.get_filename().display());
+        let startup_lock = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            let file =
+                std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+            file.lock()?;
+            Ok(file)
+        })
+        .await
+        .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))??;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.clone().create_if_missing(true))
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
+        drop(startup_lock);
         let reader = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
