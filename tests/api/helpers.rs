@@ -176,6 +176,19 @@ pub async fn spawn_app_with(engine: Engine, configure: impl FnOnce(&mut Config))
     start(engine, config, database, Arc::new(ManualClock::new())).await
 }
 
+/// Three servers started at once on one fresh database, as replicas of one
+/// deployment are (they race to migrate it).
+pub async fn spawn_replicas(engine: Engine) -> [TestApp; 3] {
+    let database = TestDatabase::new(engine).await;
+    let mut config = Config::defaults();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.database_url = database.url.clone();
+    let clock = Arc::new(ManualClock::new());
+    let start = || start(engine, config.clone(), database.clone(), clock.clone());
+    let (a, b, c) = tokio::join!(start(), start(), start());
+    [a, b, c]
+}
+
 async fn start(
     engine: Engine,
     config: Config,
@@ -218,13 +231,6 @@ impl TestApp {
     pub async fn restart(mut self) -> TestApp {
         self.stop().await;
         start(self.engine, self.config.clone(), self.database.clone(), self.clock.clone()).await
-    }
-
-    /// Another server on the same database, as another replica would be.
-    pub async fn another_instance(&self) -> TestApp {
-        let mut config = self.config.clone();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        start(self.engine, config, self.database.clone(), self.clock.clone()).await
     }
 
     /// A direct connection to the server's database.

@@ -1,5 +1,5 @@
-//! Postgres only: a duplicate waits for the call in flight with its key, and
-//! the service rides out a database restart.
+//! Postgres only: a duplicate waits for the call in flight with its key, the
+//! service rides out a database restart, and TLS follows the URL's sslmode.
 
 use std::time::Duration;
 
@@ -150,7 +150,35 @@ async fn calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_
     assert_eq!(app.count("orders").await, 2);
 }
 
+async fn tls_to_postgres_follows_the_urls_sslmode(engine: Engine) {
+    let cluster = Cluster(tempfile::tempdir().unwrap());
+    let url = cluster.run("start");
+    let ca = cluster.0.path().join("ca.crt");
+    assert!(ca.exists(), "pg-cluster made no certificate (is openssl installed?)");
+    let tls_url = format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let mut app = spawn_app_with(engine, |c| c.database_url = tls_url.clone()).await;
+    app.place(limit_order(&new_key())).await;
+    let encrypted = app
+        .db()
+        .await
+        .scalar(
+            "select count(*) from pg_stat_ssl s join pg_stat_activity a using (pid) \
+             where a.application_name = 'order-service' and s.ssl",
+        )
+        .await;
+    assert!(encrypted > 0, "the service's connections are encrypted");
+
+    // verify-full refuses a server whose certificate it cannot verify.
+    let mut config = app.config.clone();
+    config.database_url = format!("{url}?sslmode=verify-full");
+    config.db_connect_timeout = Duration::from_secs(10);
+    let refused = order_service::startup::Application::build(config).await;
+    let error = format!("{:#}", refused.expect_err("an unverifiable server is refused"));
+    assert!(error.contains("cannot open database"), "{error}");
+}
+
 postgres_tests!(
+    tls_to_postgres_follows_the_urls_sslmode,
     a_duplicate_waits_for_the_call_in_flight_and_replays_its_order,
     a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use,
     calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_back,

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use order_service::proto::order_service_client::OrderServiceClient;
 use tokio::task::JoinSet;
 
-use crate::helpers::{Engine, channel, engine_tests, limit_order, new_key, spawn_app};
+use crate::helpers::{Engine, channel, engine_tests, limit_order, new_key, spawn_app, spawn_replicas};
 
 async fn a_hundred_concurrent_identical_place_orders_create_one_order_and_99_replays(engine: Engine) {
     let app = spawn_app(engine).await;
@@ -70,9 +70,7 @@ async fn two_hundred_concurrent_distinct_keys_create_two_hundred_orders(engine: 
 }
 
 async fn three_replicas_racing_200_keys_sent_5_times_each_create_200_orders(engine: Engine) {
-    let first = spawn_app(engine).await;
-    let (second, third) = tokio::join!(first.another_instance(), first.another_instance());
-    let replicas = [&first, &second, &third];
+    let replicas = spawn_replicas(engine).await;
     let keys: Vec<String> = (0..200).map(|_| new_key()).collect();
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(keys.len() * 5));
     let mut calls = JoinSet::new();
@@ -96,7 +94,7 @@ async fn three_replicas_racing_200_keys_sent_5_times_each_create_200_orders(engi
         let id = answers.entry(order.client_request_id).or_insert(order.order_id.clone());
         assert_eq!(*id, order.order_id, "every reply for a key names the same order");
     }
-    let db = first.db().await;
+    let db = replicas[0].db().await;
     let orders = db.scalar("select count(*) from orders").await;
     let keys_stored = db.scalar("select count(*) from idempotency_keys").await;
     let duplicates =
