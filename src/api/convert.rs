@@ -5,8 +5,8 @@ use prost_types::Timestamp as ProtoTimestamp;
 
 use crate::{
     domain::{
-        ClientRequestId, NewOrder, Order, OrderId, OrderStatus, OrderType, PositiveDecimal, Side, Symbol,
-        TimeInForce, Timestamp,
+        ClientRequestId, NewOrder, Order, OrderFilter, OrderId, OrderStatus, OrderType, PositiveDecimal,
+        Side, Symbol, TimeInForce, Timestamp,
     },
     error::{Error, FieldViolation},
     proto,
@@ -131,6 +131,69 @@ impl TryFrom<proto::GetOrderRequest> for Lookup {
             None => v.check("lookup", Err("set one of order_id or client_request_id".to_owned())),
         };
         v.into_result(lookup)
+    }
+}
+
+/// A validated `ListOrders` request; the page token is checked later, against
+/// the caller's account.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// The filters.
+    pub filter: OrderFilter,
+    /// Most orders in the page.
+    pub page_size: u32,
+    /// The raw page token; empty for the first page.
+    pub page_token: String,
+}
+
+/// `page_size` when the caller gives none.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// The largest page; larger requests are clamped to it.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+fn status_filter(n: i32) -> Result<Option<OrderStatus>, String> {
+    match proto::OrderStatus::try_from(n) {
+        Ok(proto::OrderStatus::Unspecified) => Ok(None),
+        Ok(proto::OrderStatus::New) => Ok(Some(OrderStatus::New)),
+        Ok(proto::OrderStatus::Canceled) => Ok(Some(OrderStatus::Canceled)),
+        Err(_) => Err(format!("unknown value {n}: expected ORDER_STATUS_NEW or ORDER_STATUS_CANCELED")),
+    }
+}
+
+impl TryFrom<proto::ListOrdersRequest> for ListQuery {
+    type Error = Error;
+
+    fn try_from(req: proto::ListOrdersRequest) -> Result<Self, Error> {
+        let mut v = Violations::default();
+        let page_size = v.check(
+            "page_size",
+            match u32::try_from(req.page_size) {
+                Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+                Ok(n) => Ok(n.min(MAX_PAGE_SIZE)),
+                Err(_) => Err("must not be negative".to_owned()),
+            },
+        );
+        let symbol = v.check(
+            "symbol",
+            if req.symbol.is_empty() { Ok(None) } else { Symbol::parse(&req.symbol).map(Some) },
+        );
+        let status = v.check("status", status_filter(req.status));
+        let query = (|| {
+            Some(ListQuery {
+                filter: OrderFilter { symbol: symbol?, status: status? },
+                page_size: page_size?,
+                page_token: req.page_token,
+            })
+        })();
+        v.into_result(query)
+    }
+}
+
+impl TryFrom<proto::CancelOrderRequest> for OrderId {
+    type Error = Error;
+
+    fn try_from(req: proto::CancelOrderRequest) -> Result<Self, Error> {
+        OrderId::parse(&req.order_id).map_err(|why| Error::invalid("order_id", why))
     }
 }
 

@@ -5,6 +5,7 @@
 //! `order_id`, the `outcome` and the status `code`, and ends with one event.
 
 mod convert;
+mod page_token;
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,12 +14,12 @@ use tracing::{Span, field};
 
 use crate::{
     clock::Clock,
-    domain::{AccountId, NewOrder, Order},
+    domain::{AccountId, NewOrder, Order, OrderId},
     error::Error,
     proto::{self, order_service_server::OrderService},
     store::Store,
 };
-use convert::Lookup;
+use convert::{ListQuery, Lookup};
 
 /// The response header set on a replayed `PlaceOrder`.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -182,6 +183,61 @@ impl OrderService for OrderApi {
         }
         .await;
         let order = finish(result, |_| "found")?;
+        Ok(Response::new(order.into()))
+    }
+
+    #[tracing::instrument(name = "ListOrders", skip_all, fields(account_id, listed, outcome, code))]
+    async fn list_orders(
+        &self,
+        request: Request<proto::ListOrdersRequest>,
+    ) -> Result<Response<proto::ListOrdersResponse>, Status> {
+        let span = Span::current();
+        let account = self.account(&request);
+        span.record("account_id", account.as_str());
+        let result = async {
+            let query = ListQuery::try_from(request.into_inner())?;
+            let after = match query.page_token.as_str() {
+                "" => None,
+                token => Some(
+                    page_token::decode(token, &account, &query.filter)
+                        .map_err(|why| Error::invalid("page_token", why))?,
+                ),
+            };
+            // One more than asked tells whether another page follows.
+            let mut orders =
+                self.store.list_orders(&account, &query.filter, after, query.page_size + 1).await?;
+            let next_page_token = if orders.len() > query.page_size as usize {
+                orders.truncate(query.page_size as usize);
+                orders.last().map(|last| page_token::encode(&account, &query.filter, last.cursor()))
+            } else {
+                None
+            };
+            span.record("listed", orders.len());
+            Ok(proto::ListOrdersResponse {
+                orders: orders.into_iter().map(Into::into).collect(),
+                next_page_token: next_page_token.unwrap_or_default(),
+            })
+        }
+        .await;
+        Ok(Response::new(finish(result, |_| "listed")?))
+    }
+
+    #[tracing::instrument(name = "CancelOrder", skip_all, fields(account_id, order_id, outcome, code))]
+    async fn cancel_order(
+        &self,
+        request: Request<proto::CancelOrderRequest>,
+    ) -> Result<Response<proto::Order>, Status> {
+        let span = Span::current();
+        let account = self.account(&request);
+        span.record("account_id", account.as_str());
+        let result = async {
+            let id = OrderId::try_from(request.into_inner())?;
+            span.record("order_id", field::display(id));
+            self.store.cancel_order(&account, id, self.clock.now()).await
+        }
+        .await;
+        let (order, _) =
+            finish(result, |(_, changed)| if *changed { "canceled" } else { "already_canceled" })?;
         Ok(Response::new(order.into()))
     }
 }

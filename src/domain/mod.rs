@@ -8,7 +8,9 @@ mod decimal;
 mod order;
 
 pub use decimal::PositiveDecimal;
-pub use order::{Fingerprint, NewOrder, Order, OrderField, OrderStatus, OrderType, Side, TimeInForce};
+pub use order::{
+    Cursor, Fingerprint, NewOrder, Order, OrderField, OrderFilter, OrderStatus, OrderType, Side, TimeInForce,
+};
 
 use std::fmt;
 

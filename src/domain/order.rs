@@ -185,6 +185,32 @@ impl NewOrder {
     }
 }
 
+/// Where a page of orders ends: the last order's sort key. Orders sort newest
+/// first by `create_time`, ties by `order_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// The last listed order's create time.
+    pub create_time: Timestamp,
+    /// The last listed order's id.
+    pub order_id: OrderId,
+}
+
+impl Order {
+    /// This order's place in the listing order.
+    pub fn cursor(&self) -> Cursor {
+        Cursor { create_time: self.create_time, order_id: self.order_id }
+    }
+}
+
+/// Which orders a listing returns; `None` means no filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderFilter {
+    /// Only this symbol.
+    pub symbol: Option<Symbol>,
+    /// Only this status.
+    pub status: Option<OrderStatus>,
+}
+
 /// SHA-256 of a request's normalized order fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 32]);

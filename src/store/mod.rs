@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use crate::{
     domain::{
-        AccountId, ClientRequestId, NewOrder, Order, OrderId, OrderStatus, OrderType, PositiveDecimal, Side,
-        Symbol, TimeInForce, Timestamp,
+        AccountId, ClientRequestId, Cursor, NewOrder, Order, OrderFilter, OrderId, OrderStatus, OrderType,
+        PositiveDecimal, Side, Symbol, TimeInForce, Timestamp,
     },
     error::Error,
 };
@@ -139,6 +139,30 @@ impl Store {
         now: Timestamp,
     ) -> Result<Order, Error> {
         dispatch!(self, s => s.get_order_by_key(account, key, now).await)
+    }
+
+    /// Up to `limit` of the account's orders matching `filter`, newest first
+    /// (by `create_time`, then `order_id`), starting after `after`.
+    pub async fn list_orders(
+        &self,
+        account: &AccountId,
+        filter: &OrderFilter,
+        after: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Vec<Order>, Error> {
+        dispatch!(self, s => s.list_orders(account, filter, after, limit).await)
+    }
+
+    /// Cancels the account's order if it is `NEW`; returns the order as it
+    /// now is and whether this call changed it. `NotFound` if there is no such
+    /// order for this account.
+    pub async fn cancel_order(
+        &self,
+        account: &AccountId,
+        id: OrderId,
+        now: Timestamp,
+    ) -> Result<(Order, bool), Error> {
+        dispatch!(self, s => s.cancel_order(account, id, now).await)
     }
 
     /// Deletes at most `limit` keys that expired at or before `now`; returns

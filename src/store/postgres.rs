@@ -13,7 +13,7 @@ use std::{str::FromStr, time::Duration};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::{
-    PgPool, Postgres, Transaction,
+    AssertSqlSafe, PgPool, Postgres, Transaction,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use uuid::Uuid;
@@ -23,7 +23,7 @@ use super::{
     place::{self, KeyRecord, PlaceTx, StoredKey},
 };
 use crate::{
-    domain::{AccountId, ClientRequestId, NewOrder, Order, OrderId, Timestamp},
+    domain::{AccountId, ClientRequestId, Cursor, NewOrder, Order, OrderFilter, OrderId, Timestamp},
     error::Error,
 };
 
@@ -139,6 +139,73 @@ impl PgStore {
         .await
         .map_err(db("reading the newest order of a key"))?;
         newest.ok_or(Error::NotFound)?.try_into()
+    }
+
+    pub(super) async fn list_orders(
+        &self,
+        account: &AccountId,
+        filter: &OrderFilter,
+        after: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Vec<Order>, Error> {
+        // Built from fixed fragments only; every value is bound.
+        let mut sql =
+            String::from(concat!("select ", order_columns!(), " from orders where account_id = $1"));
+        let mut n = 1;
+        let mut param = |sql: &mut String, fragment: &str| {
+            n += 1;
+            sql.push_str(&fragment.replace('?', &format!("${n}")));
+        };
+        if filter.symbol.is_some() {
+            param(&mut sql, " and symbol = ?");
+        }
+        if filter.status.is_some() {
+            param(&mut sql, " and status = ?");
+        }
+        if after.is_some() {
+            param(&mut sql, " and (create_time, order_id) < (?");
+            param(&mut sql, ", ?)");
+        }
+        param(&mut sql, " order by create_time desc, order_id desc limit ?");
+        let mut query = sqlx::query_as::<_, OrderRow>(AssertSqlSafe(sql)).bind(account.as_str());
+        if let Some(symbol) = &filter.symbol {
+            query = query.bind(symbol.as_str());
+        }
+        if let Some(status) = filter.status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(after) = after {
+            query = query.bind(to_datetime(after.create_time)).bind(after.order_id.uuid());
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(db("listing orders"))?;
+        rows.into_iter().map(Order::try_from).collect()
+    }
+
+    pub(super) async fn cancel_order(
+        &self,
+        account: &AccountId,
+        id: OrderId,
+        now: Timestamp,
+    ) -> Result<(Order, bool), Error> {
+        // A concurrent cancel waits on the row lock, then finds the status
+        // changed and updates nothing: one state change.
+        let canceled: Option<OrderRow> = sqlx::query_as(concat!(
+            r"update orders set status = 'CANCELED', update_time = greatest($1, create_time)
+              where order_id = $2 and account_id = $3 and status = 'NEW'
+              returning ",
+            order_columns!()
+        ))
+        .bind(to_datetime(now))
+        .bind(id.uuid())
+        .bind(account.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("cancelling the order"))?;
+        match canceled {
+            Some(row) => Ok((row.try_into()?, true)),
+            // Already cancelled, or not this account's order.
+            None => Ok((self.get_order(account, id).await?, false)),
+        }
     }
 
     /// Skips keys another replica's purge has locked, so purges on every

@@ -10,7 +10,7 @@
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
-    Sqlite, SqlitePool, Transaction,
+    AssertSqlSafe, Sqlite, SqlitePool, Transaction,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use uuid::Uuid;
@@ -20,7 +20,9 @@ use super::{
     place::{self, KeyRecord, PlaceTx, StoredKey},
 };
 use crate::{
-    domain::{AccountId, ClientRequestId, NewOrder, Order, OrderId, PositiveDecimal, Timestamp},
+    domain::{
+        AccountId, ClientRequestId, Cursor, NewOrder, Order, OrderFilter, OrderId, PositiveDecimal, Timestamp,
+    },
     error::Error,
 };
 
@@ -151,6 +153,65 @@ impl SqliteStore {
         .await
         .map_err(db("reading the newest order of a key"))?;
         newest.ok_or(Error::NotFound)?.try_into()
+    }
+
+    pub(super) async fn list_orders(
+        &self,
+        account: &AccountId,
+        filter: &OrderFilter,
+        after: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Vec<Order>, Error> {
+        // Built from fixed fragments only; every value is bound.
+        let mut sql = String::from(concat!("select ", order_columns!(), " from orders where account_id = ?"));
+        if filter.symbol.is_some() {
+            sql.push_str(" and symbol = ?");
+        }
+        if filter.status.is_some() {
+            sql.push_str(" and status = ?");
+        }
+        if after.is_some() {
+            sql.push_str(" and (create_time, order_id) < (?, ?)");
+        }
+        sql.push_str(" order by create_time desc, order_id desc limit ?");
+        let mut query = sqlx::query_as::<_, OrderRow>(AssertSqlSafe(sql)).bind(account.as_str());
+        if let Some(symbol) = &filter.symbol {
+            query = query.bind(symbol.as_str());
+        }
+        if let Some(status) = filter.status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(after) = after {
+            query = query.bind(after.create_time.as_micros()).bind(after.order_id.to_string());
+        }
+        let rows =
+            query.bind(i64::from(limit)).fetch_all(&self.reader).await.map_err(db("listing orders"))?;
+        rows.into_iter().map(Order::try_from).collect()
+    }
+
+    pub(super) async fn cancel_order(
+        &self,
+        account: &AccountId,
+        id: OrderId,
+        now: Timestamp,
+    ) -> Result<(Order, bool), Error> {
+        let canceled: Option<OrderRow> = sqlx::query_as(concat!(
+            r"update orders set status = 'CANCELED', update_time = max(?, create_time)
+              where order_id = ? and account_id = ? and status = 'NEW'
+              returning ",
+            order_columns!()
+        ))
+        .bind(now.as_micros())
+        .bind(id.to_string())
+        .bind(account.as_str())
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(db("cancelling the order"))?;
+        match canceled {
+            Some(row) => Ok((row.try_into()?, true)),
+            // Already cancelled, or not this account's order.
+            None => Ok((self.get_order(account, id).await?, false)),
+        }
     }
 
     pub(super) async fn purge_expired_keys(&self, now: Timestamp, limit: u32) -> Result<u64, Error> {

@@ -1,10 +1,12 @@
 //! Black-box tests over real gRPC against a real server and database.
 
+mod cancel_order;
 mod discovery;
 mod expiry;
 mod failures;
 mod get_order;
 mod helpers;
+mod list_orders;
 mod pg_server;
 mod place_order;
 mod races;
