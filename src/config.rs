@@ -1,9 +1,9 @@
 //! Configuration: one clap struct; every flag `--some-flag` is also the
 //! environment variable `ORDERS_SOME_FLAG` (except `DATABASE_URL`).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -14,11 +14,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// Commands besides serving.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Prints a fresh random bearer token for ACCOUNT and the line to add to
+    /// the --auth-tokens-file (which holds only the token's SHA-256).
+    HashToken {
+        /// The account the token acts for.
+        account: String,
+    },
+}
+
 /// order-service: a gRPC order service that places every order exactly once,
 /// however often a caller retries.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "order-service", version, about)]
 pub struct Config {
+    /// Serve (the default), or another command.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address to serve gRPC on. Port 0 picks a free port.
     #[arg(long, env = "ORDERS_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -65,6 +80,52 @@ pub struct Config {
     #[arg(long, env = "ORDERS_SHUTDOWN_GRACE", default_value = "20s", value_parser = duration)]
     pub shutdown_grace: Duration,
 
+    /// File of accepted bearer tokens: one `ACCOUNT SHA256-HEX-OF-TOKEN` per
+    /// line, `#` comments. Reloaded on SIGHUP. Calls must then carry
+    /// `authorization: Bearer TOKEN` (or a client certificate).
+    #[arg(long, env = "ORDERS_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// PEM certificate chain to serve TLS with (needs --tls-key).
+    #[arg(long, env = "ORDERS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "ORDERS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    /// A caller without a bearer token is identified by its certificate.
+    #[arg(long, env = "ORDERS_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Serve a non-loopback address without authentication (when a service
+    /// mesh authenticates callers); every caller is then `anonymous`.
+    #[arg(long, env = "ORDERS_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
+    /// Largest request message accepted, in bytes; larger is refused
+    /// (OUT_OF_RANGE) from its length prefix, without being buffered.
+    #[arg(long, env = "ORDERS_MAX_REQUEST_SIZE", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=4 * 1024 * 1024))]
+    pub max_request_size: u32,
+
+    /// Most order calls served at once across all connections; more are
+    /// refused with RESOURCE_EXHAUSTED and RetryInfo.
+    #[arg(long, env = "ORDERS_MAX_CONCURRENT_REQUESTS", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_concurrent_requests: u32,
+
+    /// Most concurrent calls (HTTP/2 streams) on one connection.
+    #[arg(long, env = "ORDERS_MAX_CONCURRENT_STREAMS", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_streams: u32,
+
+    /// Connections older than this are asked to reconnect (GOAWAY), which
+    /// also bounds how long an idle connection is kept.
+    #[arg(long, env = "ORDERS_MAX_CONNECTION_AGE", default_value = "30m", value_parser = positive_duration)]
+    pub max_connection_age: Duration,
+
     /// Log format.
     #[arg(long, env = "ORDERS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -74,6 +135,24 @@ impl Config {
     /// The defaults, as if no flag or variable were given.
     pub fn defaults() -> Self {
         Self::parse_from(["order-service"])
+    }
+
+    /// Whether callers must prove who they are (tokens or client certificates).
+    pub fn authenticates(&self) -> bool {
+        self.auth_tokens_file.is_some() || self.tls_client_ca.is_some()
+    }
+
+    /// Refuses what parses but must not run: serving a non-loopback address
+    /// to unauthenticated callers, unless explicitly allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.listen.ip().is_loopback() && !self.authenticates() && !self.allow_unauthenticated {
+            return Err(format!(
+                "refusing to serve {} without authentication: set --auth-tokens-file or --tls-client-ca, \
+                 or pass --allow-unauthenticated if a service mesh authenticates callers",
+                self.listen
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -113,5 +192,16 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--idempotency-ttl", "0s"]).is_err());
         assert!(Config::try_parse_from(["x", "--idempotency-ttl", "soon"]).is_err());
         assert!(Config::try_parse_from(["x", "--listen", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn a_public_address_needs_authentication_or_an_explicit_opt_out() {
+        let parse = |args: &[&str]| Config::try_parse_from([&["x"], args].concat()).unwrap();
+        assert!(parse(&["--listen", "0.0.0.0:50051"]).validate().is_err());
+        assert!(parse(&["--listen", "[::]:50051"]).validate().is_err());
+        assert!(parse(&["--listen", "0.0.0.0:50051", "--allow-unauthenticated"]).validate().is_ok());
+        assert!(parse(&["--listen", "0.0.0.0:50051", "--auth-tokens-file", "t"]).validate().is_ok());
+        assert!(parse(&["--listen", "127.0.0.1:50051"]).validate().is_ok());
+        assert!(parse(&["--listen", "[::1]:50051"]).validate().is_ok());
     }
 }

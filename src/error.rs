@@ -15,6 +15,8 @@ use crate::domain::{OrderField, OrderId};
 pub const ERROR_DOMAIN: &str = "orders.v1";
 /// How long a caller should wait before retrying an `UNAVAILABLE` answer.
 pub const UNAVAILABLE_RETRY_DELAY: Duration = Duration::from_millis(250);
+/// How long a caller should wait before retrying a `RESOURCE_EXHAUSTED`.
+pub const OVERLOADED_RETRY_DELAY: Duration = Duration::from_millis(200);
 /// How long a caller should wait before retrying an `IDEMPOTENCY_KEY_IN_USE`.
 pub const KEY_IN_USE_RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -51,6 +53,14 @@ pub enum Error {
     /// `INVALID_ARGUMENT` with one `BadRequest` field violation per problem.
     #[error("invalid request ({} field violations)", .0.len())]
     InvalidArgument(Vec<FieldViolation>),
+
+    /// `UNAUTHENTICATED`: missing, malformed or unknown credentials.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+
+    /// `RESOURCE_EXHAUSTED` with `RetryInfo`: too many calls in flight.
+    #[error("too many calls in flight")]
+    Overloaded,
 
     /// `NOT_FOUND`: no such order for this account.
     #[error("order not found")]
@@ -110,6 +120,8 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::Overloaded => Code::ResourceExhausted,
             Self::NotFound => Code::NotFound,
             Self::KeyReused { .. } => Code::FailedPrecondition,
             Self::KeyInUse => Code::Aborted,
@@ -137,6 +149,12 @@ impl From<Error> for Status {
                 );
                 Status::with_error_details(code, message, details)
             }
+            Error::Unauthenticated(why) => Status::new(code, why),
+            Error::Overloaded => Status::with_error_details(
+                code,
+                "too many calls in flight; retry shortly",
+                retryable("OVERLOADED", OVERLOADED_RETRY_DELAY),
+            ),
             Error::NotFound => Status::new(code, "order not found"),
             Error::KeyReused { order_id, mismatched } => {
                 let names = mismatched.iter().map(|f| f.name()).collect::<Vec<_>>().join(",");

@@ -4,7 +4,11 @@
 use std::process::ExitCode;
 
 use clap::{Parser, error::ErrorKind};
-use order_service::{config::Config, startup, telemetry};
+use order_service::{
+    api,
+    config::{Command, Config},
+    startup, telemetry,
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -18,6 +22,21 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::HashToken { account }) = &config.command {
+        return match api::new_token(account) {
+            Ok((token, line)) => {
+                println!("# The token, for the caller (shown once; the server keeps only its hash):");
+                println!("{token}");
+                println!("# The line for --auth-tokens-file (then send the server SIGHUP):");
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     telemetry::init(config.log_format);
     let result = async {
         let app = startup::Application::build(config).await?;

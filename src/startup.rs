@@ -3,15 +3,15 @@
 //! anything serves); [`Application::run`] serves until the shutdown future
 //! resolves, then drains.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::OrderApi,
+    api::{ApiSettings, Authenticator, OrderApi},
     clock::{Clock, SystemClock},
     config::Config,
     proto::{self, order_service_server::OrderServiceServer},
@@ -22,13 +22,42 @@ use crate::{
 /// The health service name of the order API.
 pub const SERVICE_NAME: &str = "orders.v1.OrderService";
 
+/// Most bytes of request headers (metadata) a call may send.
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// How often an HTTP/2 ping checks that a quiet peer is still there.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on accepted connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// A connected, migrated, bound server, ready to [`run`](Self::run).
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
     store: Store,
     clock: Arc<dyn Clock>,
+    auth: Arc<Authenticator>,
+    tls: Option<ServerTlsConfig>,
     config: Config,
+}
+
+/// Reads a PEM file named by a flag.
+fn read_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+}
+
+/// The TLS settings the flags ask for, if any.
+fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let identity = Identity::from_pem(read_pem("--tls-cert", cert)?, read_pem("--tls-key", key)?);
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read_pem("--tls-client-ca", ca)?));
+    }
+    Ok(Some(tls))
 }
 
 impl Application {
@@ -39,6 +68,10 @@ impl Application {
 
     /// As [`build`](Self::build), reading time from `clock` (tests move it).
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        config.validate().map_err(anyhow::Error::msg)?;
+        let auth =
+            Arc::new(Authenticator::new(config.auth_tokens_file.as_deref(), config.tls_client_ca.is_some())?);
+        let tls = tls_config(&config)?;
         let options = StoreOptions {
             max_connections: config.db_max_connections,
             lock_timeout: config.lock_timeout,
@@ -57,7 +90,18 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        Ok(Self { listener, store, clock, config })
+        if config.allow_unauthenticated && !config.authenticates() {
+            tracing::warn!(
+                listen = %config.listen,
+                "serving without authentication (--allow-unauthenticated): every caller is `anonymous`"
+            );
+        }
+        if config.auth_tokens_file.is_some() && tls.is_none() && !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                "bearer tokens will cross the network in clear text: serve TLS (--tls-cert, --tls-key)"
+            );
+        }
+        Ok(Self { listener, store, clock, auth, tls, config })
     }
 
     /// The address actually bound (useful with port 0).
@@ -76,7 +120,7 @@ impl Application {
     /// accepting, lets in-flight calls finish within the shutdown grace, and
     /// closes the database.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self { listener, store, clock, config } = self;
+        let Self { listener, store, clock, auth, tls, config } = self;
         let addr = listener.local_addr().context("reading the bound address")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -90,7 +134,14 @@ impl Application {
         };
         let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
         let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
-        let api = OrderApi::new(store.clone(), clock.clone(), config.idempotency_ttl, config.lock_timeout);
+        let settings = ApiSettings {
+            idempotency_ttl: config.idempotency_ttl,
+            lock_timeout: config.lock_timeout,
+            max_concurrent_requests: config.max_concurrent_requests,
+        };
+        let api =
+            OrderServiceServer::new(OrderApi::new(store.clone(), clock.clone(), auth.clone(), settings))
+                .max_decoding_message_size(config.max_request_size as usize);
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let purge_task = tokio::spawn(purge::run(
@@ -101,13 +152,27 @@ impl Application {
             stop_rx.clone(),
         ));
 
+        let reload_task = tokio::spawn(reload_on_sighup(auth, stop_rx.clone()));
         let mut server_stop = stop_rx;
-        let server = Server::builder()
+
+        let mut builder = Server::builder()
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_connection_age(config.max_connection_age)
+            .max_connection_age_grace(config.shutdown_grace);
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).context("configuring TLS")?;
+        }
+        let incoming =
+            TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
+        let server = builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(OrderServiceServer::new(api))
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
+            .add_service(api)
+            .serve_with_incoming_shutdown(incoming, async move {
                 let _ = server_stop.changed().await;
             });
         let mut server = tokio::spawn(server);
@@ -141,10 +206,39 @@ impl Application {
             }
         }
         let _ = purge_task.await;
+        let _ = reload_task.await;
         store.close().await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Reloads the auth tokens file on every SIGHUP until `stop` changes; a bad
+/// file is logged and the tokens in force stay.
+async fn reload_on_sighup(auth: Arc<Authenticator>, mut stop: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP; auth tokens will not reload");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hangups.recv() => {}
+                _ = stop.changed() => return,
+            }
+            match auth.reload() {
+                Ok(tokens) => tracing::info!(tokens, "reloaded auth tokens"),
+                Err(error) => tracing::error!("keeping the auth tokens in force: {error:#}"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (auth, stop.changed().await);
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

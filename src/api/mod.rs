@@ -4,11 +4,15 @@
 //! Each RPC runs in a span carrying `account_id`, `client_request_id`,
 //! `order_id`, the `outcome` and the status `code`, and ends with one event.
 
+mod auth;
 mod convert;
 mod page_token;
 
+pub use auth::{Authenticator, new_token};
+
 use std::{sync::Arc, time::Duration};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 use tracing::{Span, field};
 
@@ -24,25 +28,39 @@ use convert::{ListQuery, Lookup};
 /// The response header set on a replayed `PlaceOrder`.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
+/// Limits and lifetimes of the order API.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// How long idempotency keys are remembered.
+    pub idempotency_ttl: Duration,
+    /// Most time a call waits for another call in flight with its key.
+    pub lock_timeout: Duration,
+    /// Most order calls served at once; more are refused.
+    pub max_concurrent_requests: u32,
+}
+
 /// `orders.v1.OrderService` over a [`Store`].
 #[derive(Debug, Clone)]
 pub struct OrderApi {
     store: Store,
     clock: Arc<dyn Clock>,
-    idempotency_ttl: Duration,
-    lock_timeout: Duration,
+    auth: Arc<Authenticator>,
+    settings: ApiSettings,
+    in_flight: Arc<Semaphore>,
 }
 
 impl OrderApi {
-    /// The service, keeping idempotency keys for `idempotency_ttl` and waiting
-    /// at most `lock_timeout` for a call in flight with the same key.
-    pub fn new(
-        store: Store,
-        clock: Arc<dyn Clock>,
-        idempotency_ttl: Duration,
-        lock_timeout: Duration,
-    ) -> Self {
-        Self { store, clock, idempotency_ttl, lock_timeout }
+    /// The service over `store`, identifying callers with `auth`.
+    pub fn new(store: Store, clock: Arc<dyn Clock>, auth: Arc<Authenticator>, settings: ApiSettings) -> Self {
+        let in_flight = Arc::new(Semaphore::new(settings.max_concurrent_requests as usize));
+        Self { store, clock, auth, settings, in_flight }
+    }
+
+    /// Who is calling, and a place among the calls in flight.
+    fn admit<T>(&self, request: &Request<T>) -> Result<(AccountId, OwnedSemaphorePermit), Error> {
+        let account = self.auth.authenticate(request)?;
+        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| Error::Overloaded)?;
+        Ok((account, permit))
     }
 
     /// How long this call may wait for a lock: the lock timeout, shortened so
@@ -52,15 +70,10 @@ impl OrderApi {
         match deadline {
             Some(deadline) => {
                 let margin = (deadline / 5).min(Duration::from_millis(250));
-                self.lock_timeout.min(deadline.saturating_sub(margin))
+                self.settings.lock_timeout.min(deadline.saturating_sub(margin))
             }
-            None => self.lock_timeout,
+            None => self.settings.lock_timeout,
         }
-    }
-
-    /// The account the call acts for: `anonymous` until authentication exists.
-    fn account<T>(&self, _request: &Request<T>) -> AccountId {
-        AccountId::anonymous()
     }
 }
 
@@ -72,6 +85,8 @@ fn finish<T>(result: Result<T, Error>, outcome: impl FnOnce(&T) -> &'static str)
         Err(error) => (
             match error {
                 Error::InvalidArgument(_) => "invalid",
+                Error::Unauthenticated(_) => "unauthenticated",
+                Error::Overloaded => "overloaded",
                 Error::NotFound => "not_found",
                 Error::KeyReused { .. } => "key_reused",
                 Error::KeyInUse => "key_in_use",
@@ -128,11 +143,11 @@ impl OrderService for OrderApi {
         request: Request<proto::PlaceOrderRequest>,
     ) -> Result<Response<proto::PlaceOrderResponse>, Status> {
         let span = Span::current();
-        let account = self.account(&request);
-        span.record("account_id", account.as_str());
         let lock_wait = self.lock_wait(&request);
-        let request = request.into_inner();
         let result = async {
+            let (account, _permit) = self.admit(&request)?;
+            span.record("account_id", account.as_str());
+            let request = request.into_inner();
             let raw_key = loggable(&request.client_request_id).to_owned();
             let new = NewOrder::try_from(request).inspect_err(|_| {
                 span.record("client_request_id", raw_key);
@@ -140,7 +155,7 @@ impl OrderService for OrderApi {
             span.record("client_request_id", field::display(new.client_request_id));
             let placed = self
                 .store
-                .place_order(&account, new, self.clock.now(), self.idempotency_ttl, lock_wait)
+                .place_order(&account, new, self.clock.now(), self.settings.idempotency_ttl, lock_wait)
                 .await?;
             span.record("order_id", field::display(placed.0.order_id));
             Ok(placed)
@@ -165,9 +180,9 @@ impl OrderService for OrderApi {
         request: Request<proto::GetOrderRequest>,
     ) -> Result<Response<proto::Order>, Status> {
         let span = Span::current();
-        let account = self.account(&request);
-        span.record("account_id", account.as_str());
         let result = async {
+            let (account, _permit) = self.admit(&request)?;
+            span.record("account_id", account.as_str());
             let order: Order = match Lookup::try_from(request.into_inner())? {
                 Lookup::OrderId(id) => {
                     span.record("order_id", field::display(id));
@@ -192,9 +207,9 @@ impl OrderService for OrderApi {
         request: Request<proto::ListOrdersRequest>,
     ) -> Result<Response<proto::ListOrdersResponse>, Status> {
         let span = Span::current();
-        let account = self.account(&request);
-        span.record("account_id", account.as_str());
         let result = async {
+            let (account, _permit) = self.admit(&request)?;
+            span.record("account_id", account.as_str());
             let query = ListQuery::try_from(request.into_inner())?;
             let after = match query.page_token.as_str() {
                 "" => None,
@@ -228,9 +243,9 @@ impl OrderService for OrderApi {
         request: Request<proto::CancelOrderRequest>,
     ) -> Result<Response<proto::Order>, Status> {
         let span = Span::current();
-        let account = self.account(&request);
-        span.record("account_id", account.as_str());
         let result = async {
+            let (account, _permit) = self.admit(&request)?;
+            span.record("account_id", account.as_str());
             let id = OrderId::try_from(request.into_inner())?;
             span.record("order_id", field::display(id));
             self.store.cancel_order(&account, id, self.clock.now()).await

@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
-use order_service::proto::{GetOrderRequest, get_order_request::Lookup};
+use order_service::proto::{
+    GetOrderRequest, get_order_request::Lookup, order_service_client::OrderServiceClient,
+};
 use sqlx::Connection;
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 
 use crate::helpers::{Engine, engine_tests, limit_order, new_key, spawn_app, spawn_app_with};
@@ -54,3 +56,48 @@ async fn an_internal_fault_is_opaque(engine: Engine) {
 }
 
 engine_tests!(an_internal_fault_is_opaque);
+
+#[tokio::test]
+async fn calls_beyond_the_concurrency_cap_are_refused_at_once_not_queued() {
+    let mut app = spawn_app_with(Engine::Sqlite, |c| {
+        c.max_concurrent_requests = 1;
+        c.lock_timeout = Duration::from_secs(30);
+    })
+    .await;
+    // Hold the database so the one permitted call stays in flight.
+    let mut other = sqlx::SqliteConnection::connect(&app.config.database_url).await.unwrap();
+    sqlx::raw_sql("begin immediate").execute(&mut other).await.unwrap();
+    let key = new_key();
+    let place = |mut client: OrderServiceClient<Channel>, key: String| {
+        tokio::spawn(async move { client.place_order(limit_order(&key)).await })
+    };
+    let mut first = place(app.client.clone(), key.clone());
+
+    // Probe (bounded) until a call is refused while the first holds the only
+    // permit; a probe that wins the permit first just means trying again.
+    let probe = GetOrderRequest { lookup: Some(Lookup::ClientRequestId(new_key())) };
+    let mut refused = None;
+    for _ in 0..500 {
+        if first.is_finished() {
+            let status = first.await.unwrap().expect_err("the first call can only lose the race");
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            first = place(app.client.clone(), key.clone());
+        }
+        match app.client.get_order(probe.clone()).await {
+            Err(status) if status.code() == Code::ResourceExhausted && !first.is_finished() => {
+                refused = Some(status);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let refused = refused.expect("a call beyond the cap is refused");
+    let details = refused.get_error_details();
+    assert_eq!(details.error_info().expect("ErrorInfo").reason, "OVERLOADED");
+    assert!(details.retry_info().expect("RetryInfo").retry_delay.is_some());
+
+    sqlx::raw_sql("rollback").execute(&mut other).await.unwrap();
+    first.await.unwrap().expect("the permitted call completes");
+    app.place(limit_order(&new_key())).await;
+    assert_eq!(app.count("orders").await, 2);
+}

@@ -9,6 +9,8 @@ mod helpers;
 mod list_orders;
 mod pg_server;
 mod place_order;
+mod process;
 mod races;
+mod security;
 mod shutdown;
 mod validation;

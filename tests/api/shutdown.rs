@@ -1,8 +1,6 @@
 //! The server binary as an operator runs it: start-up errors and SIGTERM.
 
 use std::{
-    net::SocketAddr,
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -11,50 +9,18 @@ use std::{
 };
 
 use order_service::proto::order_service_client::OrderServiceClient;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::Notify,
-    task::JoinSet,
-};
+use tokio::{process::Command, sync::Notify, task::JoinSet};
 use tonic::Code;
 
-use crate::helpers::{Db, Engine, TestDatabase, channel, engine_tests, limit_order, new_key};
-
-const BIN: &str = env!("CARGO_BIN_EXE_order-service");
-
-/// Starts the binary on a free port; returns it once it logs its address.
-async fn start_server(database_url: &str) -> (Child, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--database-url", database_url])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the server binary");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("the server exited before listening");
-        let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
-        if event["message"] == "listening" {
-            break event["addr"].as_str().unwrap().parse().unwrap();
-        }
-    };
-    // Keep draining the logs so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
-}
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("running").to_string();
-    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success();
-    assert!(ok, "kill -TERM {pid}");
-}
+use crate::{
+    helpers::{Db, Engine, TestDatabase, channel, engine_tests, limit_order, new_key},
+    process::{BIN, ServerProcess},
+};
 
 async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_exits_zero(engine: Engine) {
     let database = TestDatabase::new(engine).await;
-    let (mut child, addr) = start_server(&database.url).await;
+    let mut server = ServerProcess::start(&["--database-url", &database.url]).await;
+    let addr = server.addr;
 
     let done = Arc::new(AtomicUsize::new(0));
     let enough = Arc::new(Notify::new());
@@ -88,9 +54,9 @@ async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_
         });
     }
     enough.notified().await;
-    sigterm(&child);
+    server.signal("TERM");
 
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
         .await
         .expect("the server exits within its grace period")
         .unwrap();

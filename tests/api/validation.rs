@@ -5,7 +5,7 @@ use order_service::proto::{OrderType, PlaceOrderRequest};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{Engine, engine_tests, limit_order, new_key, spawn_app};
+use crate::helpers::{Engine, engine_tests, limit_order, new_key, spawn_app, spawn_app_with};
 
 type Mutation = fn(&mut PlaceOrderRequest);
 
@@ -99,7 +99,8 @@ async fn every_bad_field_is_named_and_the_key_is_not_consumed(engine: Engine) {
 }
 
 async fn a_huge_field_is_refused_without_echoing_it_whole(engine: Engine) {
-    let mut app = spawn_app(engine).await;
+    // Raise the request size limit so validation, not the limit, refuses it.
+    let mut app = spawn_app_with(engine, |c| c.max_request_size = 4 * 1024 * 1024).await;
     let mut req = limit_order(&new_key());
     req.symbol = "A".repeat(1_000_000);
     req.quantity = "9".repeat(500_000);

@@ -1,0 +1,356 @@
+//! Who may call and what each caller sees: bearer tokens, mutual TLS,
+//! account isolation, safe defaults and request limits.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use order_service::proto::{
+    CancelOrderRequest, GetOrderRequest, ListOrdersRequest, OrderStatus, get_order_request::Lookup,
+    order_service_client::OrderServiceClient,
+};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
+use tempfile::TempDir;
+use tonic::{
+    Code, Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::{
+    helpers::{Engine, TestApp, channel, engine_tests, limit_order, new_key, spawn_app_with},
+    process::{BIN, ServerProcess},
+};
+
+/// Two accounts' tokens and a token file naming them.
+struct Tokens {
+    dir: TempDir,
+    alice: String,
+    bob: String,
+}
+
+impl Tokens {
+    fn new() -> Tokens {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, alice_line) = order_service::api::new_token("alice").unwrap();
+        let (bob, bob_line) = order_service::api::new_token("bob").unwrap();
+        std::fs::write(dir.path().join("tokens"), format!("# test accounts\n{alice_line}\n{bob_line}\n"))
+            .unwrap();
+        Tokens { dir, alice, bob }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("tokens")
+    }
+}
+
+/// `message` with `authorization: Bearer token`.
+fn bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+async fn spawn_with_tokens(engine: Engine, tokens: &Tokens) -> TestApp {
+    let file = tokens.file();
+    spawn_app_with(engine, |c| c.auth_tokens_file = Some(file)).await
+}
+
+async fn calls_without_a_valid_token_are_unauthenticated_and_write_nothing(engine: Engine) {
+    let tokens = Tokens::new();
+    let mut app = spawn_with_tokens(engine, &tokens).await;
+    let key = new_key();
+    let header = |value: &str| {
+        let mut request = Request::new(limit_order(&key));
+        request.metadata_mut().insert("authorization", value.parse().unwrap());
+        request
+    };
+    let cases = [
+        ("no token", Request::new(limit_order(&key))),
+        ("basic auth", header("Basic YWxpY2U6c2VjcmV0")),
+        ("empty bearer", header("Bearer ")),
+        ("unknown token", header("Bearer ost_0000")),
+        ("another account's hash as a token", header(&format!("Bearer {}", &tokens.alice[..20]))),
+    ];
+    for (name, request) in cases {
+        let status = app.client.place_order(request).await.expect_err(name);
+        assert_eq!(status.code(), Code::Unauthenticated, "{name}: {status:?}");
+        assert!(!status.message().contains("ost_"), "{name}: the token is not echoed");
+    }
+    let get = GetOrderRequest { lookup: Some(Lookup::ClientRequestId(key.clone())) };
+    assert_eq!(app.client.get_order(get).await.unwrap_err().code(), Code::Unauthenticated);
+    let list = ListOrdersRequest::default();
+    assert_eq!(app.client.list_orders(list).await.unwrap_err().code(), Code::Unauthenticated);
+    let cancel = CancelOrderRequest { order_id: uuid::Uuid::now_v7().to_string() };
+    assert_eq!(app.client.cancel_order(cancel).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(app.count("orders").await, 0);
+
+    let placed = app.client.place_order(bearer(limit_order(&key), &tokens.alice)).await.unwrap().into_inner();
+    assert_eq!(placed.order.unwrap().account_id, "alice");
+}
+
+async fn two_accounts_using_one_key_get_two_orders_and_never_see_each_others(engine: Engine) {
+    let tokens = Tokens::new();
+    let mut app = spawn_with_tokens(engine, &tokens).await;
+    let key = new_key();
+    let place = |token: &str| bearer(limit_order(&key), token);
+    let alices = app.client.place_order(place(&tokens.alice)).await.unwrap().into_inner();
+    let bobs = app.client.place_order(place(&tokens.bob)).await.unwrap().into_inner();
+    assert!(!alices.replayed && !bobs.replayed, "the key is scoped to each account");
+    let (alices, bobs) = (alices.order.unwrap(), bobs.order.unwrap());
+    assert_ne!(alices.order_id, bobs.order_id);
+    assert_eq!((alices.account_id.as_str(), bobs.account_id.as_str()), ("alice", "bob"));
+
+    // Bob cannot get, list or cancel Alice's order: it does not exist for him.
+    let by_id = GetOrderRequest { lookup: Some(Lookup::OrderId(alices.order_id.clone())) };
+    let status = app.client.get_order(bearer(by_id, &tokens.bob)).await.unwrap_err();
+    assert_eq!((status.code(), status.message()), (Code::NotFound, "order not found"));
+    let by_key = GetOrderRequest { lookup: Some(Lookup::ClientRequestId(key.clone())) };
+    let found = app.client.get_order(bearer(by_key, &tokens.bob)).await.unwrap().into_inner();
+    assert_eq!(found.order_id, bobs.order_id, "the key finds his own order");
+    let listed = app.client.list_orders(bearer(ListOrdersRequest::default(), &tokens.bob)).await.unwrap();
+    let listed: Vec<_> = listed.into_inner().orders.into_iter().map(|o| o.order_id).collect();
+    assert_eq!(listed, std::slice::from_ref(&bobs.order_id));
+    let cancel = CancelOrderRequest { order_id: alices.order_id.clone() };
+    let status = app.client.cancel_order(bearer(cancel, &tokens.bob)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    let by_id = GetOrderRequest { lookup: Some(Lookup::OrderId(alices.order_id.clone())) };
+    let still = app.client.get_order(bearer(by_id, &tokens.alice)).await.unwrap().into_inner();
+    assert_eq!(still.status, OrderStatus::New as i32, "Bob's cancel changed nothing");
+    assert_eq!(app.count("orders").await, 2);
+}
+
+async fn health_and_reflection_need_no_credentials(engine: Engine) {
+    let tokens = Tokens::new();
+    let app = spawn_with_tokens(engine, &tokens).await;
+    let mut health = HealthClient::new(channel(app.addr).await);
+    let status = health.check(HealthCheckRequest { service: "orders.v1.OrderService".into() }).await.unwrap();
+    assert_eq!(status.into_inner().status, 1, "SERVING");
+    let mut reflection = tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
+        channel(app.addr).await,
+    );
+    let list = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut answers =
+        reflection.server_reflection_info(tokio_stream::iter([list])).await.unwrap().into_inner();
+    assert!(answers.message().await.unwrap().is_some());
+}
+
+async fn an_oversized_request_is_refused_and_the_server_keeps_serving(engine: Engine) {
+    let mut app = spawn_app_with(engine, |c| c.max_request_size = 64 * 1024).await;
+    let mut huge = limit_order(&new_key());
+    huge.symbol = "A".repeat(100 * 1024);
+    let status = app.client.place_order(huge).await.expect_err("too large");
+    // tonic refuses a message over the limit from its length prefix, with OUT_OF_RANGE.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let ok = app.place(limit_order(&new_key())).await;
+    assert!(!ok.replayed, "the same connection keeps serving");
+    assert_eq!(app.count("orders").await, 1);
+}
+
+/// A throwaway CA with a server certificate for localhost and 127.0.0.1,
+/// and client certificates naming callers in different ways.
+struct Pki {
+    dir: TempDir,
+    ca_pem: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, "order-service test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let pki = Pki { dir, ca_pem: ca.pem() };
+        std::fs::write(pki.path("ca.pem"), &pki.ca_pem).unwrap();
+        let (cert, key) = Pki::leaf(
+            &ca,
+            vec![
+                SanType::DnsName("localhost".try_into().unwrap()),
+                SanType::IpAddress([127, 0, 0, 1].into()),
+            ],
+            "localhost",
+        );
+        std::fs::write(pki.path("server.pem"), cert).unwrap();
+        std::fs::write(pki.path("server.key"), key).unwrap();
+        for (name, sans, cn) in [
+            (
+                "spiffe",
+                vec![
+                    SanType::DnsName("ignored.internal".try_into().unwrap()),
+                    SanType::URI("spiffe://example.test/ns/prod/sa/checkout".try_into().unwrap()),
+                ],
+                "ignored-cn",
+            ),
+            ("dns", vec![SanType::DnsName("billing.internal".try_into().unwrap())], "ignored-cn"),
+            ("cn", vec![], "reporting"),
+        ] {
+            let (cert, key) = Pki::leaf(&ca, sans, cn);
+            std::fs::write(pki.path(&format!("{name}.pem")), cert).unwrap();
+            std::fs::write(pki.path(&format!("{name}.key")), key).unwrap();
+        }
+        pki
+    }
+
+    fn leaf(ca: &CertifiedIssuer<'_, KeyPair>, sans: Vec<SanType>, cn: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        (params.signed_by(&key, ca).unwrap().pem(), key.serialize_pem())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A client over TLS, presenting the client certificate `name` if given.
+    async fn client(
+        &self,
+        addr: SocketAddr,
+        name: Option<&str>,
+    ) -> Result<OrderServiceClient<Channel>, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name("localhost");
+        if let Some(name) = name {
+            let cert = std::fs::read(self.path(&format!("{name}.pem"))).unwrap();
+            let key = std::fs::read(self.path(&format!("{name}.key"))).unwrap();
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        let channel =
+            Channel::from_shared(format!("https://127.0.0.1:{}", addr.port())).unwrap().tls_config(tls)?;
+        Ok(OrderServiceClient::new(channel.connect().await?))
+    }
+}
+
+async fn mutual_tls_names_the_caller_by_its_certificate_and_refuses_callers_without_one(engine: Engine) {
+    let pki = Pki::new();
+    let tokens = Tokens::new();
+    let file = tokens.file();
+    let app = spawn_app_with(engine, |c| {
+        c.tls_cert = Some(pki.path("server.pem"));
+        c.tls_key = Some(pki.path("server.key"));
+        c.tls_client_ca = Some(pki.path("ca.pem"));
+        c.auth_tokens_file = Some(file);
+    })
+    .await;
+
+    for (cert, account) in [
+        ("spiffe", "spiffe://example.test/ns/prod/sa/checkout"),
+        ("dns", "billing.internal"),
+        ("cn", "reporting"),
+    ] {
+        let mut client = pki.client(app.addr, Some(cert)).await.unwrap();
+        let placed = client.place_order(limit_order(&new_key())).await.unwrap().into_inner();
+        assert_eq!(placed.order.unwrap().account_id, account, "{cert}");
+    }
+
+    // A token, when present, names the caller: it takes precedence.
+    let mut client = pki.client(app.addr, Some("spiffe")).await.unwrap();
+    let placed = client.place_order(bearer(limit_order(&new_key()), &tokens.bob)).await.unwrap().into_inner();
+    assert_eq!(placed.order.unwrap().account_id, "bob");
+    let status = client.place_order(bearer(limit_order(&new_key()), "ost_bad")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "a bad token is not rescued by the certificate");
+
+    // Without a client certificate the handshake fails; nothing is written.
+    let refused = match pki.client(app.addr, None).await {
+        Err(_) => true,
+        Ok(mut client) => client.place_order(limit_order(&new_key())).await.is_err(),
+    };
+    assert!(refused, "a caller without a client certificate is refused");
+    // Plain text is refused too.
+    let mut plain =
+        OrderServiceClient::new(Channel::from_shared(format!("http://{}", app.addr)).unwrap().connect_lazy());
+    assert!(plain.place_order(limit_order(&new_key())).await.is_err());
+    assert_eq!(app.count("orders").await, 4);
+}
+
+async fn tls_without_client_certificates_serves_token_callers(engine: Engine) {
+    let pki = Pki::new();
+    let tokens = Tokens::new();
+    let file = tokens.file();
+    let app = spawn_app_with(engine, |c| {
+        c.tls_cert = Some(pki.path("server.pem"));
+        c.tls_key = Some(pki.path("server.key"));
+        c.auth_tokens_file = Some(file);
+    })
+    .await;
+    let mut client = pki.client(app.addr, None).await.unwrap();
+    let placed =
+        client.place_order(bearer(limit_order(&new_key()), &tokens.alice)).await.unwrap().into_inner();
+    assert_eq!(placed.order.unwrap().account_id, "alice");
+    let status = client.place_order(limit_order(&new_key())).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+engine_tests!(
+    calls_without_a_valid_token_are_unauthenticated_and_write_nothing,
+    two_accounts_using_one_key_get_two_orders_and_never_see_each_others,
+    health_and_reflection_need_no_credentials,
+    an_oversized_request_is_refused_and_the_server_keeps_serving,
+    mutual_tls_names_the_caller_by_its_certificate_and_refuses_callers_without_one,
+    tls_without_client_certificates_serves_token_callers,
+);
+
+#[tokio::test]
+async fn a_token_removed_from_the_file_is_revoked_on_sighup_and_a_new_one_accepted() {
+    let tokens = Tokens::new();
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("orders.db").display());
+    let file = tokens.file();
+    let mut server =
+        ServerProcess::start(&["--database-url", &url, "--auth-tokens-file", file.to_str().unwrap()]).await;
+    let mut client = OrderServiceClient::new(channel(server.addr).await);
+    client.place_order(bearer(limit_order(&new_key()), &tokens.alice)).await.expect("alice's token works");
+
+    let (carol, carol_line) = order_service::api::new_token("carol").unwrap();
+    let bob_line =
+        std::fs::read_to_string(&file).unwrap().lines().find(|l| l.starts_with("bob ")).unwrap().to_owned();
+    std::fs::write(&file, format!("{bob_line}\n{carol_line}\n")).unwrap();
+    server.signal("HUP");
+    let reloaded = server.log("reloaded auth tokens").await;
+    assert_eq!(reloaded["tokens"], 2);
+
+    let status = client.place_order(bearer(limit_order(&new_key()), &tokens.alice)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "alice's token is revoked");
+    let placed = client.place_order(bearer(limit_order(&new_key()), &carol)).await.unwrap().into_inner();
+    assert_eq!(placed.order.unwrap().account_id, "carol");
+    client.place_order(bearer(limit_order(&new_key()), &tokens.bob)).await.expect("bob's token still works");
+
+    // A broken file keeps the tokens in force.
+    std::fs::write(&file, "carol not-a-hash\n").unwrap();
+    server.signal("HUP");
+    server.log("keeping the auth tokens in force: auth tokens file").await;
+    client.place_order(bearer(limit_order(&new_key()), &carol)).await.expect("carol's token still works");
+    server.signal("TERM");
+    assert!(server.child.wait().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn a_public_address_without_authentication_is_refused_at_start() {
+    // Refused before anything is bound: tests never bind a non-loopback address.
+    let out = tokio::process::Command::new(BIN).args(["--listen", "0.0.0.0:0"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--allow-unauthenticated"), "{stderr}");
+}
+
+#[tokio::test]
+async fn hash_token_prints_a_token_and_its_line() {
+    let out = tokio::process::Command::new(BIN).args(["hash-token", "checkout"]).output().await.unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.starts_with('#')).collect();
+    let [token, line] = lines[..] else { panic!("{stdout}") };
+    assert!(token.starts_with("ost_") && token.len() == 68, "{token}");
+    use sha2::Digest;
+    assert_eq!(line, format!("checkout {}", hex::encode(sha2::Sha256::digest(token.as_bytes()))));
+}
