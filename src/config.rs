@@ -94,8 +94,9 @@ pub struct Config {
     #[arg(long, env = "ORDERS_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
-    /// A caller without a bearer token is identified by its certificate.
+    /// PEM CA bundle for mutual TLS: client certificates must be signed by it,
+    /// and a caller without a bearer token is identified by its certificate.
+    /// Order calls need one or the other; health and reflection need neither.
     #[arg(long, env = "ORDERS_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 

@@ -55,7 +55,11 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
     let identity = Identity::from_pem(read_pem("--tls-cert", cert)?, read_pem("--tls-key", key)?);
     let mut tls = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &config.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read_pem("--tls-client-ca", ca)?));
+        // Optional at the handshake, so health and reflection stay callable
+        // without a certificate; the order RPCs require one (or a token).
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read_pem("--tls-client-ca", ca)?))
+            .client_auth_optional(true);
     }
     Ok(Some(tls))
 }

@@ -210,12 +210,22 @@ impl Pki {
         self.dir.path().join(name)
     }
 
-    /// A client over TLS, presenting the client certificate `name` if given.
+    /// An order client over TLS, presenting the client certificate `name`
+    /// if given.
     async fn client(
         &self,
         addr: SocketAddr,
         name: Option<&str>,
     ) -> Result<OrderServiceClient<Channel>, tonic::transport::Error> {
+        Ok(OrderServiceClient::new(self.channel(addr, name).await?))
+    }
+
+    /// A TLS channel, presenting the client certificate `name` if given.
+    async fn channel(
+        &self,
+        addr: SocketAddr,
+        name: Option<&str>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .domain_name("localhost");
@@ -224,13 +234,15 @@ impl Pki {
             let key = std::fs::read(self.path(&format!("{name}.key"))).unwrap();
             tls = tls.identity(Identity::from_pem(cert, key));
         }
-        let channel =
-            Channel::from_shared(format!("https://127.0.0.1:{}", addr.port())).unwrap().tls_config(tls)?;
-        Ok(OrderServiceClient::new(channel.connect().await?))
+        Channel::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+            .unwrap()
+            .tls_config(tls)?
+            .connect()
+            .await
     }
 }
 
-async fn mutual_tls_names_the_caller_by_its_certificate_and_refuses_callers_without_one(engine: Engine) {
+async fn mutual_tls_names_the_caller_by_its_certificate_and_refuses_order_calls_without_one(engine: Engine) {
     let pki = Pki::new();
     let tokens = Tokens::new();
     let file = tokens.file();
@@ -259,12 +271,23 @@ async fn mutual_tls_names_the_caller_by_its_certificate_and_refuses_callers_with
     let status = client.place_order(bearer(limit_order(&new_key()), "ost_bad")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "a bad token is not rescued by the certificate");
 
-    // Without a client certificate the handshake fails; nothing is written.
-    let refused = match pki.client(app.addr, None).await {
+    // Without a client certificate (or token) the order RPCs are refused,
+    // while health stays callable for probes.
+    let mut anonymous = pki.client(app.addr, None).await.unwrap();
+    let status = anonymous.place_order(limit_order(&new_key())).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let mut health = HealthClient::new(pki.channel(app.addr, None).await.unwrap());
+    let serving = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(serving.into_inner().status, 1, "SERVING");
+    // A certificate from another CA fails the handshake.
+    let rogue = Pki::new();
+    std::fs::copy(rogue.path("spiffe.pem"), pki.path("rogue.pem")).unwrap();
+    std::fs::copy(rogue.path("spiffe.key"), pki.path("rogue.key")).unwrap();
+    let refused = match pki.client(app.addr, Some("rogue")).await {
         Err(_) => true,
         Ok(mut client) => client.place_order(limit_order(&new_key())).await.is_err(),
     };
-    assert!(refused, "a caller without a client certificate is refused");
+    assert!(refused, "a certificate from an unknown CA is refused");
     // Plain text is refused too.
     let mut plain =
         OrderServiceClient::new(Channel::from_shared(format!("http://{}", app.addr)).unwrap().connect_lazy());
@@ -295,7 +318,7 @@ engine_tests!(
     two_accounts_using_one_key_get_two_orders_and_never_see_each_others,
     health_and_reflection_need_no_credentials,
     an_oversized_request_is_refused_and_the_server_keeps_serving,
-    mutual_tls_names_the_caller_by_its_certificate_and_refuses_callers_without_one,
+    mutual_tls_names_the_caller_by_its_certificate_and_refuses_order_calls_without_one,
     tls_without_client_certificates_serves_token_callers,
 );
 
