@@ -127,6 +127,25 @@ pub struct Config {
     #[arg(long, env = "ORDERS_MAX_CONNECTION_AGE", default_value = "30m", value_parser = positive_duration)]
     pub max_connection_age: Duration,
 
+    /// How often the database is pinged; health turns NOT_SERVING while it
+    /// fails and SERVING again when it answers.
+    #[arg(long, env = "ORDERS_HEALTH_INTERVAL", default_value = "5s", value_parser = positive_duration)]
+    pub health_interval: Duration,
+
+    /// After SIGTERM, how long to keep serving (health already NOT_SERVING)
+    /// so load balancers stop sending calls before the server stops accepting.
+    #[arg(long, env = "ORDERS_SHUTDOWN_DELAY", default_value = "5s", value_parser = duration)]
+    pub shutdown_delay: Duration,
+
+    /// Address of the Prometheus endpoint (GET /metrics); empty disables it.
+    #[arg(long, env = "ORDERS_METRICS_LISTEN", default_value = "127.0.0.1:9464", value_parser = optional_addr)]
+    pub metrics_listen: ::std::option::Option<SocketAddr>,
+
+    /// Also serve the health service alone, in plain text, on this address
+    /// (for Kubernetes' gRPC probes, which cannot speak TLS); empty: off.
+    #[arg(long, env = "ORDERS_HEALTH_LISTEN", default_value = "", value_parser = optional_addr)]
+    pub health_listen: ::std::option::Option<SocketAddr>,
+
     /// Log format.
     #[arg(long, env = "ORDERS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -162,6 +181,11 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 90s, 15m, 2h)"))
 }
 
+/// A socket address, or nothing for an empty string.
+fn optional_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.is_empty() { Ok(None) } else { s.parse().map(Some).map_err(|e| format!("{e}")) }
+}
+
 /// A humane duration that is not zero.
 fn positive_duration(s: &str) -> Result<Duration, String> {
     match duration(s)? {
@@ -183,6 +207,11 @@ mod tests {
         assert_eq!(c.purge_interval, Duration::from_secs(60));
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
         assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.health_listen, None);
+        assert_eq!(c.shutdown_delay, Duration::from_secs(5));
+        let off = Config::try_parse_from(["x", "--metrics-listen", ""]).unwrap();
+        assert_eq!(off.metrics_listen, None);
     }
 
     #[test]

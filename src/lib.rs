@@ -11,6 +11,7 @@
 //!
 //! - [`config`]: the one clap struct; every flag is also an `ORDERS_*` variable.
 //! - [`telemetry`]: the tracing subscriber (text or JSON).
+//! - [`metrics`]: Prometheus counters and gauges and `GET /metrics`.
 //! - [`startup`]: [`startup::Application`]: connect, migrate, bind; then run
 //!   until a shutdown signal and drain.
 //! - [`proto`]: generated protobuf and gRPC code, and the descriptor set.
@@ -29,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod proto;
 pub mod purge;
 pub mod startup;

@@ -40,7 +40,16 @@ async fn main() -> ExitCode {
     telemetry::init(config.log_format);
     let result = async {
         let app = startup::Application::build(config).await?;
-        app.run(startup::shutdown_signal()).await
+        app.run(async {
+            startup::shutdown_signal().await;
+            // A second signal while draining means "now".
+            tokio::spawn(async {
+                startup::shutdown_signal().await;
+                tracing::warn!("second signal: exiting at once");
+                std::process::exit(1);
+            });
+        })
+        .await
     }
     .await;
     match result {

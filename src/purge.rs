@@ -39,7 +39,10 @@ pub async fn run(
         }
         match purge_expired(&store, clock.as_ref(), batch).await {
             Ok(0) => tracing::debug!("no expired idempotency keys"),
-            Ok(purged) => tracing::info!(purged, "purged expired idempotency keys"),
+            Ok(purged) => {
+                crate::metrics::record_purged(purged);
+                tracing::info!(purged, "purged expired idempotency keys");
+            }
             Err(error) => {
                 tracing::warn!(?error, "purging expired idempotency keys failed; retrying next interval")
             }

@@ -8,12 +8,13 @@ use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
-use tonic_health::ServingStatus;
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{ApiSettings, Authenticator, OrderApi},
     clock::{Clock, SystemClock},
     config::Config,
+    metrics,
     proto::{self, order_service_server::OrderServiceServer},
     purge,
     store::{Store, StoreOptions},
@@ -35,6 +36,8 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    health_listener: Option<TcpListener>,
     store: Store,
     clock: Arc<dyn Clock>,
     auth: Arc<Authenticator>,
@@ -105,7 +108,19 @@ impl Application {
                 "bearer tokens will cross the network in clear text: serve TLS (--tls-cert, --tls-key)"
             );
         }
-        Ok(Self { listener, store, clock, auth, tls, config })
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
+        let health_listener = match config.health_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} for health"))?,
+            ),
+            None => None,
+        };
+        Ok(Self { listener, metrics_listener, health_listener, store, clock, auth, tls, config })
     }
 
     /// The address actually bound (useful with port 0).
@@ -124,11 +139,11 @@ impl Application {
     /// accepting, lets in-flight calls finish within the shutdown grace, and
     /// closes the database.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self { listener, store, clock, auth, tls, config } = self;
+        let Self { listener, metrics_listener, health_listener, store, clock, auth, tls, config } = self;
         let addr = listener.local_addr().context("reading the bound address")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+        set_health(&health, true).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -147,17 +162,49 @@ impl Application {
             OrderServiceServer::new(OrderApi::new(store.clone(), clock.clone(), auth.clone(), settings))
                 .max_decoding_message_size(config.max_request_size as usize);
 
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let purge_task = tokio::spawn(purge::run(
-            store.clone(),
-            clock,
-            config.purge_interval,
-            config.purge_batch_size,
-            stop_rx.clone(),
-        ));
-
-        let reload_task = tokio::spawn(reload_on_sighup(auth, stop_rx.clone()));
-        let mut server_stop = stop_rx;
+        // Background work stops first, when draining begins; servers last.
+        let (background_tx, background_rx) = watch::channel(false);
+        let (servers_tx, servers_rx) = watch::channel(false);
+        let stopped = |rx: &watch::Receiver<bool>| {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.changed().await;
+            }
+        };
+        let background = [
+            tokio::spawn(purge::run(
+                store.clone(),
+                clock,
+                config.purge_interval,
+                config.purge_batch_size,
+                background_rx.clone(),
+            )),
+            tokio::spawn(reload_on_sighup(auth, background_rx.clone())),
+            tokio::spawn(follow_database(
+                store.clone(),
+                health.clone(),
+                config.health_interval,
+                background_rx,
+            )),
+        ];
+        let mut side_servers = Vec::new();
+        if let Some(listener) = metrics_listener {
+            let metrics_addr = listener.local_addr()?;
+            side_servers.push(metrics::serve(listener, stopped(&servers_rx))?);
+            tracing::info!(addr = %metrics_addr, "metrics listening");
+        }
+        if let Some(listener) = health_listener {
+            let health_addr = listener.local_addr()?;
+            let health_only = Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), stopped(&servers_rx));
+            side_servers.push(tokio::spawn(async move {
+                if let Err(error) = health_only.await {
+                    tracing::error!(%error, "the plain-text health endpoint failed");
+                }
+            }));
+            tracing::info!(addr = %health_addr, "health listening");
+        }
 
         let mut builder = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)
@@ -176,44 +223,109 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(api)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = server_stop.changed().await;
-            });
+            .serve_with_incoming_shutdown(incoming, stopped(&servers_rx));
         let mut server = tokio::spawn(server);
         tracing::info!(%addr, "listening");
 
-        tokio::select! {
-            result = &mut server => {
-                let _ = stop_tx.send(true);
-                store.close().await;
-                return match result {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the server stopped unexpectedly")),
-                    Ok(Err(e)) => Err(e).context("serving gRPC"),
-                    Err(e) => Err(e).context("the server task failed"),
-                };
+        let outcome = tokio::select! {
+            result = &mut server => Some(match result {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the server stopped unexpectedly")),
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("serving gRPC")),
+                Err(e) => Err(anyhow::Error::from(e).context("the server task failed")),
+            }),
+            () = shutdown => None,
+        };
+        let _ = background_tx.send(true);
+        set_health(&health, false).await;
+        if outcome.is_none() {
+            // Drain the Kubernetes way: report NOT_SERVING at once, keep
+            // serving while endpoints are removed, then stop accepting and let
+            // in-flight calls finish within the grace period.
+            let (delay, grace) = (config.shutdown_delay, config.shutdown_grace);
+            tracing::info!(
+                delay = %humantime::format_duration(delay),
+                grace = %humantime::format_duration(grace),
+                "draining: health is NOT_SERVING; still serving for the shutdown delay"
+            );
+            tokio::time::sleep(delay).await;
+            tracing::info!("shutting down: refusing new calls, finishing in-flight ones");
+            // Ends every health Watch stream, which would otherwise hold the
+            // drain open for the whole grace period.
+            let mut health = health.clone();
+            for service in ["", SERVICE_NAME] {
+                health.clear_service_status(service).await;
             }
-            () = shutdown => {}
         }
-
-        let grace = config.shutdown_grace;
-        tracing::info!(grace = %humantime::format_duration(grace), "shutting down: refusing new calls, finishing in-flight ones");
-        for service in ["", SERVICE_NAME] {
-            health.set_service_status(service, ServingStatus::NotServing).await;
+        let _ = servers_tx.send(true);
+        let result = match outcome {
+            Some(result) => result,
+            None => match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+                Ok(Ok(result)) => result.context("serving gRPC"),
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("the server task failed")),
+                Err(_) => {
+                    tracing::warn!("shutdown grace elapsed; abandoning the calls still in flight");
+                    server.abort();
+                    Ok(())
+                }
+            },
+        };
+        for task in background.into_iter().chain(side_servers) {
+            let _ = task.await;
         }
-        let _ = stop_tx.send(true);
-        match tokio::time::timeout(grace, &mut server).await {
-            Ok(Ok(result)) => result.context("serving gRPC")?,
-            Ok(Err(e)) => return Err(e).context("the server task failed"),
-            Err(_) => {
-                tracing::warn!("shutdown grace elapsed; abandoning the calls still in flight");
-                server.abort();
-            }
-        }
-        let _ = purge_task.await;
-        let _ = reload_task.await;
         store.close().await;
         tracing::info!("stopped");
-        Ok(())
+        result
+    }
+}
+
+/// Sets the overall and the order service's health, and the health gauge.
+async fn set_health(health: &HealthReporter, serving: bool) {
+    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+    for service in ["", SERVICE_NAME] {
+        health.set_service_status(service, status).await;
+    }
+    metrics::set_serving(serving);
+}
+
+/// Pings the database every `interval` until `stop` changes: health turns
+/// NOT_SERVING while it fails and SERVING when it answers again. Also samples
+/// the pool gauges.
+async fn follow_database(
+    store: Store,
+    health: HealthReporter,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let answer = tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await;
+        let ok = matches!(answer, Ok(Ok(())));
+        for (pool, size, idle) in store.pool_stats() {
+            metrics::set_pool(pool, size, idle);
+        }
+        if ok != serving {
+            // Draining may have begun while the ping ran: never undo it.
+            if *stop.borrow() {
+                return;
+            }
+            serving = ok;
+            if ok {
+                tracing::info!("the database answers again: SERVING");
+            } else {
+                let error = match answer {
+                    Ok(Err(e)) => format!("{e:?}"),
+                    _ => "no answer in time".to_owned(),
+                };
+                tracing::warn!(%error, "the database does not answer: NOT_SERVING");
+            }
+            set_health(&health, ok).await;
+        }
     }
 }
 

@@ -10,7 +10,10 @@ mod page_token;
 
 pub use auth::{Authenticator, new_token};
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, metadata::MetadataValue};
@@ -20,6 +23,7 @@ use crate::{
     clock::Clock,
     domain::{AccountId, NewOrder, Order, OrderId},
     error::Error,
+    metrics,
     proto::{self, order_service_server::OrderService},
     store::Store,
 };
@@ -78,7 +82,12 @@ impl OrderApi {
 }
 
 /// Records how a call ended on the current span, logs it, and maps the error.
-fn finish<T>(result: Result<T, Error>, outcome: impl FnOnce(&T) -> &'static str) -> Result<T, Status> {
+fn finish<T>(
+    method: &'static str,
+    started: Instant,
+    result: Result<T, Error>,
+    outcome: impl FnOnce(&T) -> &'static str,
+) -> Result<T, Status> {
     let span = Span::current();
     let (outcome, code) = match &result {
         Ok(value) => (outcome(value), tonic::Code::Ok),
@@ -96,8 +105,14 @@ fn finish<T>(result: Result<T, Error>, outcome: impl FnOnce(&T) -> &'static str)
             error.code(),
         ),
     };
+    let elapsed = started.elapsed();
     span.record("outcome", outcome);
-    span.record("code", field::debug(code));
+    span.record("code", metrics::code_name(code));
+    span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
+    metrics::record_rpc(method, code, elapsed);
+    if method == "PlaceOrder" {
+        metrics::record_place_outcome(outcome);
+    }
     let result = result.map_err(Status::from);
     tracing::info!("finished");
     result
@@ -136,12 +151,13 @@ impl OrderService for OrderApi {
     #[tracing::instrument(
         name = "PlaceOrder",
         skip_all,
-        fields(account_id, client_request_id, order_id, outcome, code)
+        fields(method = "PlaceOrder", account_id, client_request_id, order_id, outcome, code, latency_ms)
     )]
     async fn place_order(
         &self,
         request: Request<proto::PlaceOrderRequest>,
     ) -> Result<Response<proto::PlaceOrderResponse>, Status> {
+        let started = Instant::now();
         let span = Span::current();
         let lock_wait = self.lock_wait(&request);
         let result = async {
@@ -161,7 +177,7 @@ impl OrderService for OrderApi {
             Ok(placed)
         }
         .await;
-        let (order, placement) = finish(result, |(_, placement)| placement.as_str())?;
+        let (order, placement) = finish("PlaceOrder", started, result, |(_, placement)| placement.as_str())?;
         let replayed = placement == crate::store::Placement::Replayed;
         let mut response = Response::new(proto::PlaceOrderResponse { order: Some(order.into()), replayed });
         if replayed {
@@ -173,12 +189,13 @@ impl OrderService for OrderApi {
     #[tracing::instrument(
         name = "GetOrder",
         skip_all,
-        fields(account_id, client_request_id, order_id, outcome, code)
+        fields(method = "GetOrder", account_id, client_request_id, order_id, outcome, code, latency_ms)
     )]
     async fn get_order(
         &self,
         request: Request<proto::GetOrderRequest>,
     ) -> Result<Response<proto::Order>, Status> {
+        let started = Instant::now();
         let span = Span::current();
         let result = async {
             let (account, _permit) = self.admit(&request)?;
@@ -197,15 +214,20 @@ impl OrderService for OrderApi {
             Ok(order)
         }
         .await;
-        let order = finish(result, |_| "found")?;
+        let order = finish("GetOrder", started, result, |_| "found")?;
         Ok(Response::new(order.into()))
     }
 
-    #[tracing::instrument(name = "ListOrders", skip_all, fields(account_id, listed, outcome, code))]
+    #[tracing::instrument(
+        name = "ListOrders",
+        skip_all,
+        fields(method = "ListOrders", account_id, listed, outcome, code, latency_ms)
+    )]
     async fn list_orders(
         &self,
         request: Request<proto::ListOrdersRequest>,
     ) -> Result<Response<proto::ListOrdersResponse>, Status> {
+        let started = Instant::now();
         let span = Span::current();
         let result = async {
             let (account, _permit) = self.admit(&request)?;
@@ -234,14 +256,19 @@ impl OrderService for OrderApi {
             })
         }
         .await;
-        Ok(Response::new(finish(result, |_| "listed")?))
+        Ok(Response::new(finish("ListOrders", started, result, |_| "listed")?))
     }
 
-    #[tracing::instrument(name = "CancelOrder", skip_all, fields(account_id, order_id, outcome, code))]
+    #[tracing::instrument(
+        name = "CancelOrder",
+        skip_all,
+        fields(method = "CancelOrder", account_id, order_id, outcome, code, latency_ms)
+    )]
     async fn cancel_order(
         &self,
         request: Request<proto::CancelOrderRequest>,
     ) -> Result<Response<proto::Order>, Status> {
+        let started = Instant::now();
         let span = Span::current();
         let result = async {
             let (account, _permit) = self.admit(&request)?;
@@ -252,7 +279,12 @@ impl OrderService for OrderApi {
         }
         .await;
         let (order, _) =
-            finish(result, |(_, changed)| if *changed { "canceled" } else { "already_canceled" })?;
+            finish(
+                "CancelOrder",
+                started,
+                result,
+                |(_, changed)| if *changed { "canceled" } else { "already_canceled" },
+            )?;
         Ok(Response::new(order.into()))
     }
 }

@@ -171,6 +171,16 @@ impl Store {
         dispatch!(self, s => s.purge_expired_keys(now, limit).await)
     }
 
+    /// Whether the database answers a trivial query.
+    pub async fn ping(&self) -> Result<(), Error> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Each pool's name, size and idle connections, for metrics.
+    pub fn pool_stats(&self) -> Vec<(&'static str, u32, usize)> {
+        dispatch!(self, s => s.pool_stats())
+    }
+
     /// Closes every pooled connection, waiting for those in use.
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)

@@ -226,6 +226,15 @@ impl PgStore {
         Ok(result.rows_affected())
     }
 
+    pub(super) async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("select 1").execute(&self.pool).await.map_err(db("pinging the database"))?;
+        Ok(())
+    }
+
+    pub(super) fn pool_stats(&self) -> Vec<(&'static str, u32, usize)> {
+        vec![("main", self.pool.size(), self.pool.num_idle())]
+    }
+
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }

@@ -229,6 +229,18 @@ impl SqliteStore {
         Ok(result.rows_affected())
     }
 
+    pub(super) async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("select 1").execute(&self.reader).await.map_err(db("pinging the database"))?;
+        Ok(())
+    }
+
+    pub(super) fn pool_stats(&self) -> Vec<(&'static str, u32, usize)> {
+        vec![
+            ("writer", self.writer.size(), self.writer.num_idle()),
+            ("reader", self.reader.size(), self.reader.num_idle()),
+        ]
+    }
+
     pub(super) async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;

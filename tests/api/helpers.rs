@@ -172,6 +172,8 @@ pub async fn spawn_app_with(engine: Engine, configure: impl FnOnce(&mut Config))
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.database_url = database.url.clone();
+    config.metrics_listen = None;
+    config.shutdown_delay = std::time::Duration::ZERO;
     configure(&mut config);
     start(engine, config, database, Arc::new(ManualClock::new())).await
 }
@@ -183,6 +185,8 @@ pub async fn spawn_replicas(engine: Engine) -> [TestApp; 3] {
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.database_url = database.url.clone();
+    config.metrics_listen = None;
+    config.shutdown_delay = std::time::Duration::ZERO;
     let clock = Arc::new(ManualClock::new());
     let start = || start(engine, config.clone(), database.clone(), clock.clone());
     let (a, b, c) = tokio::join!(start(), start(), start());

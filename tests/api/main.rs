@@ -7,6 +7,7 @@ mod failures;
 mod get_order;
 mod helpers;
 mod list_orders;
+mod operations;
 mod pg_server;
 mod place_order;
 mod process;

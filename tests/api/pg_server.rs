@@ -8,7 +8,13 @@ use sqlx::{Connection, PgConnection};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{Engine, limit_order, new_key, postgres_tests, repo_path, spawn_app, spawn_app_with};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{
+    Engine, channel, limit_order, new_key, postgres_tests, repo_path, spawn_app, spawn_app_with,
+};
 
 /// Holds the key's row lock from another connection, as a call in flight
 /// would: inserts the key and its order in a transaction left open.
@@ -177,7 +183,34 @@ async fn tls_to_postgres_follows_the_urls_sslmode(engine: Engine) {
     assert!(error.contains("cannot open database"), "{error}");
 }
 
+async fn health_follows_the_database_down_and_up_without_a_restart(engine: Engine) {
+    let cluster = Cluster(tempfile::tempdir().unwrap());
+    let url = cluster.run("start");
+    let app = spawn_app_with(engine, |c| {
+        c.database_url = url.clone();
+        c.health_interval = Duration::from_millis(200);
+        c.db_acquire_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut health = HealthClient::new(channel(app.addr).await);
+    let mut statuses = health
+        .watch(HealthCheckRequest { service: "orders.v1.OrderService".to_owned() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        let message = tokio::time::timeout(Duration::from_secs(15), statuses.message()).await;
+        message.expect("a health change in time").unwrap().unwrap().status()
+    };
+    assert_eq!(next().await, ServingStatus::Serving);
+    cluster.run("stop");
+    assert_eq!(next().await, ServingStatus::NotServing);
+    cluster.run("start");
+    assert_eq!(next().await, ServingStatus::Serving);
+}
+
 postgres_tests!(
+    health_follows_the_database_down_and_up_without_a_restart,
     tls_to_postgres_follows_the_urls_sslmode,
     a_duplicate_waits_for_the_call_in_flight_and_replays_its_order,
     a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use,

@@ -1,7 +1,11 @@
 //! The server binary as an operator runs it, on a free loopback port, with
 //! its JSON log lines readable by the test.
 
-use std::{net::SocketAddr, process::Stdio};
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    sync::{Arc, Mutex},
+};
 
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -16,7 +20,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_order-service");
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Where `GET /metrics` is served, if the server logged it.
+    pub metrics_addr: Option<String>,
     logs: mpsc::UnboundedReceiver<serde_json::Value>,
+    lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl ServerProcess {
@@ -24,7 +31,7 @@ impl ServerProcess {
     /// returns once it logs the address it listens on.
     pub async fn start(args: &[&str]) -> ServerProcess {
         let mut child = Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -34,23 +41,28 @@ impl ServerProcess {
             .expect("start the server binary");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let (tx, mut logs) = mpsc::unbounded_channel();
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let kept = raw.clone();
         // Keep draining the logs so the server never blocks on a full pipe.
         tokio::spawn(async move {
-            loop {
-                let Ok(Some(line)) = lines.next_line().await else { break };
-                let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
-                if tx.send(event).is_err() {
-                    break;
-                }
+            while let Ok(Some(line)) = lines.next_line().await {
+                // A line that is not JSON stays in `lines` for the test to see.
+                let event = serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
+                kept.lock().unwrap().push(line);
+                let _ = tx.send(event);
             }
         });
+        let mut metrics_addr = None;
         let addr = loop {
             let event = logs.recv().await.expect("the server exited before listening");
+            if event["message"] == "metrics listening" {
+                metrics_addr = event["addr"].as_str().map(str::to_owned);
+            }
             if event["message"] == "listening" {
                 break event["addr"].as_str().unwrap().parse().unwrap();
             }
         };
-        ServerProcess { child, addr, logs }
+        ServerProcess { child, addr, metrics_addr, logs, lines: raw }
     }
 
     /// Waits (at most 30 s) for the next log event whose message starts
@@ -70,6 +82,11 @@ impl ServerProcess {
             Ok(event) => event,
             Err(_) => panic!("the server did not log {prefix:?} within 30 s"),
         }
+    }
+
+    /// Every line the server has written to stdout so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
     }
 
     /// Sends the process a signal (`TERM`, `HUP`, …).

@@ -11,6 +11,9 @@ use std::{
 use order_service::proto::order_service_client::OrderServiceClient;
 use tokio::{process::Command, sync::Notify, task::JoinSet};
 use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::{
     helpers::{Db, Engine, TestDatabase, channel, engine_tests, limit_order, new_key},
@@ -19,15 +22,20 @@ use crate::{
 
 async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_exits_zero(engine: Engine) {
     let database = TestDatabase::new(engine).await;
-    let mut server = ServerProcess::start(&["--database-url", &database.url]).await;
+    let mut server = ServerProcess::start(&["--database-url", &database.url, "--shutdown-delay", "1s"]).await;
     let addr = server.addr;
+    let mut health = HealthClient::new(channel(addr).await);
+    let watch = HealthCheckRequest { service: "orders.v1.OrderService".to_owned() };
+    let mut statuses = health.watch(watch).await.unwrap().into_inner();
+    assert_eq!(statuses.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
 
+    let failed = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let enough = Arc::new(Notify::new());
     let mut callers = JoinSet::new();
     for _ in 0..8 {
         let mut client = OrderServiceClient::new(channel(addr).await);
-        let (done, enough) = (done.clone(), enough.clone());
+        let (done, enough, failed) = (done.clone(), enough.clone(), failed.clone());
         callers.spawn(async move {
             let mut acknowledged = Vec::new();
             // Bounded: the server stops long before this many calls.
@@ -42,6 +50,7 @@ async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_
                         }
                     }
                     Err(status) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
                         assert!(
                             matches!(status.code(), Code::Unavailable | Code::Cancelled),
                             "a call failed non-retryably: {status:?}"
@@ -54,12 +63,20 @@ async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_
         });
     }
     enough.notified().await;
+    let signalled = std::time::Instant::now();
     server.signal("TERM");
 
-    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+    // Health turns NOT_SERVING before any call is refused.
+    let next = statuses.message().await.unwrap().unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "no call failed before health said NOT_SERVING");
+
+    // Within the shutdown delay (1 s) plus the grace (20 s).
+    let status = tokio::time::timeout(Duration::from_secs(21), server.child.wait())
         .await
-        .expect("the server exits within its grace period")
+        .expect("the server exits within its delay and grace")
         .unwrap();
+    assert!(signalled.elapsed() >= Duration::from_secs(1), "it kept serving for the shutdown delay");
     assert!(status.success(), "exit status {status:?}");
 
     let mut acknowledged = Vec::new();
