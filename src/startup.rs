@@ -22,6 +22,10 @@ use crate::{
 
 /// The health service name of the order API.
 pub const SERVICE_NAME: &str = "orders.v1.OrderService";
+/// A health service name that is SERVING for as long as the process serves,
+/// whatever the database does: for liveness probes, which must not restart
+/// every replica during a database outage.
+pub const LIVENESS_NAME: &str = "liveness";
 
 /// Most bytes of request headers (metadata) a call may send.
 const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
@@ -143,6 +147,7 @@ impl Application {
         let addr = listener.local_addr().context("reading the bound address")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status(LIVENESS_NAME, ServingStatus::Serving).await;
         set_health(&health, true).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -252,7 +257,7 @@ impl Application {
             // Ends every health Watch stream, which would otherwise hold the
             // drain open for the whole grace period.
             let mut health = health.clone();
-            for service in ["", SERVICE_NAME] {
+            for service in ["", SERVICE_NAME, LIVENESS_NAME] {
                 health.clear_service_status(service).await;
             }
         }

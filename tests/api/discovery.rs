@@ -57,7 +57,7 @@ async fn reflection_v1alpha_lists_the_services_and_describes_error_details(engin
 async fn health_is_serving_for_the_server_and_the_order_service(engine: Engine) {
     let app = spawn_app(engine).await;
     let mut health = HealthClient::new(channel(app.addr).await);
-    for service in ["", "orders.v1.OrderService"] {
+    for service in ["", "orders.v1.OrderService", "liveness"] {
         let resp = health
             .check(HealthCheckRequest { service: service.to_owned() })
             .await

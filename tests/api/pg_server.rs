@@ -205,6 +205,8 @@ async fn health_follows_the_database_down_and_up_without_a_restart(engine: Engin
     assert_eq!(next().await, ServingStatus::Serving);
     cluster.run("stop");
     assert_eq!(next().await, ServingStatus::NotServing);
+    let liveness = health.check(HealthCheckRequest { service: "liveness".to_owned() }).await.unwrap();
+    assert_eq!(liveness.into_inner().status(), ServingStatus::Serving, "alive, though not ready");
     cluster.run("start");
     assert_eq!(next().await, ServingStatus::Serving);
 }
