@@ -21,11 +21,13 @@
 //! - [`error`]: the one [`error::Error`] and its mapping to `tonic::Status`.
 //! - [`purge`]: the background purge of expired idempotency keys.
 //! - [`clock`]: where the time comes from (tests move it by hand).
+//! - [`client`]: the retrying client for Rust callers and `orderctl`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod api;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod domain;

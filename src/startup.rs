@@ -39,6 +39,8 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// A connected, migrated, bound server, ready to [`run`](Self::run).
 #[derive(Debug)]
 pub struct Application {
+    #[cfg(debug_assertions)]
+    faults: Arc<crate::api::FaultInjector>,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     health_listener: Option<TcpListener>,
@@ -124,7 +126,18 @@ impl Application {
             ),
             None => None,
         };
-        Ok(Self { listener, metrics_listener, health_listener, store, clock, auth, tls, config })
+        Ok(Self {
+            #[cfg(debug_assertions)]
+            faults: Arc::default(),
+            listener,
+            metrics_listener,
+            health_listener,
+            store,
+            clock,
+            auth,
+            tls,
+            config,
+        })
     }
 
     /// The address actually bound (useful with port 0).
@@ -132,6 +145,12 @@ impl Application {
         // A bound TcpListener always has a local address; fall back to the
         // configured one rather than panic.
         self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// Faults tests can inject (debug builds only).
+    #[cfg(debug_assertions)]
+    pub fn faults(&self) -> Arc<crate::api::FaultInjector> {
+        self.faults.clone()
     }
 
     /// The store the server uses.
@@ -143,7 +162,18 @@ impl Application {
     /// accepting, lets in-flight calls finish within the shutdown grace, and
     /// closes the database.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self { listener, metrics_listener, health_listener, store, clock, auth, tls, config } = self;
+        let Self {
+            #[cfg(debug_assertions)]
+            faults,
+            listener,
+            metrics_listener,
+            health_listener,
+            store,
+            clock,
+            auth,
+            tls,
+            config,
+        } = self;
         let addr = listener.local_addr().context("reading the bound address")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -162,6 +192,8 @@ impl Application {
             idempotency_ttl: config.idempotency_ttl,
             lock_timeout: config.lock_timeout,
             max_concurrent_requests: config.max_concurrent_requests,
+            #[cfg(debug_assertions)]
+            faults,
         };
         let api =
             OrderServiceServer::new(OrderApi::new(store.clone(), clock.clone(), auth.clone(), settings))

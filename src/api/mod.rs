@@ -32,6 +32,28 @@ use convert::{ListQuery, Lookup};
 /// The response header set on a replayed `PlaceOrder`.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
+/// Faults a test can inject; compiled into debug builds only, never into a
+/// release build.
+#[cfg(debug_assertions)]
+#[derive(Debug, Default)]
+pub struct FaultInjector {
+    lost_replies: std::sync::atomic::AtomicU32,
+}
+
+#[cfg(debug_assertions)]
+impl FaultInjector {
+    /// The next `n` successful PlaceOrders commit, then answer `UNAVAILABLE`
+    /// as if the reply had been lost on the way.
+    pub fn lose_next_replies(&self, n: u32) {
+        self.lost_replies.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn take_lost_reply(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.lost_replies.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
 /// Limits and lifetimes of the order API.
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
@@ -41,6 +63,9 @@ pub struct ApiSettings {
     pub lock_timeout: Duration,
     /// Most order calls served at once; more are refused.
     pub max_concurrent_requests: u32,
+    /// Injected faults (debug builds only).
+    #[cfg(debug_assertions)]
+    pub faults: Arc<FaultInjector>,
 }
 
 /// `orders.v1.OrderService` over a [`Store`].
@@ -178,6 +203,10 @@ impl OrderService for OrderApi {
         }
         .await;
         let (order, placement) = finish("PlaceOrder", started, result, |(_, placement)| placement.as_str())?;
+        #[cfg(debug_assertions)]
+        if self.settings.faults.take_lost_reply() {
+            return Err(Status::unavailable("injected fault: the reply was lost after the commit"));
+        }
         let replayed = placement == crate::store::Placement::Replayed;
         let mut response = Response::new(proto::PlaceOrderResponse { order: Some(order.into()), replayed });
         if replayed {

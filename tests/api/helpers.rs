@@ -156,6 +156,7 @@ pub struct TestApp {
     pub store: Store,
     pub clock: Arc<ManualClock>,
     pub config: Config,
+    pub faults: Arc<order_service::api::FaultInjector>,
     database: Arc<TestDatabase>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
@@ -203,12 +204,24 @@ async fn start(
         Application::build_with_clock(config.clone(), clock.clone()).await.expect("build the application");
     let addr = app.local_addr();
     let store = app.store().clone();
+    let faults = app.faults();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run(async {
         let _ = rx.await;
     }));
     let client = OrderServiceClient::new(channel(addr).await);
-    TestApp { engine, addr, client, store, clock, config, database, shutdown: Some(tx), server: Some(server) }
+    TestApp {
+        engine,
+        addr,
+        client,
+        store,
+        clock,
+        config,
+        faults,
+        database,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
 }
 
 /// A fresh connection (HTTP/2 channel) to `addr`.

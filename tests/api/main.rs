@@ -1,6 +1,7 @@
 //! Black-box tests over real gRPC against a real server and database.
 
 mod cancel_order;
+mod client;
 mod discovery;
 mod expiry;
 mod failures;

@@ -1,0 +1,402 @@
+//! orderctl: place, get, list and cancel orders, and check health, from a
+//! terminal, with the same retry rules as `order_service::client`.
+//!
+//! Exit codes: 0 success, 2 bad usage, 3 the service refused the request
+//! (e.g. `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, `NOT_FOUND`), 4 the
+//! service was unreachable or unavailable after every retry.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use order_service::{
+    client::{Answer, CallError, ClientConfig, ClientTls, OrderClient, RetryPolicy},
+    proto::{
+        CancelOrderRequest, GetOrderRequest, ListOrdersRequest, Order, OrderStatus, OrderType,
+        PlaceOrderRequest, Side, TimeInForce, get_order_request::Lookup,
+    },
+};
+use serde_json::json;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// Talk to an order-service.
+#[derive(Debug, Parser)]
+#[command(name = "orderctl", version)]
+struct Cli {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Connection {
+    /// Server address: http://HOST:PORT, or https://HOST:PORT with --ca-cert.
+    #[arg(long, global = true, env = "ORDERCTL_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Bearer token (prefer the environment variable: arguments are visible to
+    /// other users of the machine).
+    #[arg(long, global = true, env = "ORDERCTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA that signed the server's certificate.
+    #[arg(long, global = true, env = "ORDERCTL_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for mutual TLS (with --client-key).
+    #[arg(long, global = true, env = "ORDERCTL_CERT", requires = "client_key")]
+    cert: Option<PathBuf>,
+    /// PEM key of --cert.
+    #[arg(long, global = true, env = "ORDERCTL_CLIENT_KEY", requires = "cert")]
+    client_key: Option<PathBuf>,
+    /// Name to verify the server certificate against, if not the address's host.
+    #[arg(long, global = true)]
+    tls_domain: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up after this long, retries included.
+    #[arg(long, global = true, default_value = "20s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Place an order (exactly once: retries reuse its key).
+    Place(Place),
+    /// Show one order, by id or by the key that placed it.
+    Get {
+        /// Order id.
+        #[arg(long, conflicts_with = "key", required_unless_present = "key")]
+        id: Option<String>,
+        /// The client_request_id that placed it.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// List your orders, newest first.
+    List {
+        /// Only this symbol.
+        #[arg(long)]
+        symbol: Option<String>,
+        /// Only this status.
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
+        /// Orders per page.
+        #[arg(long, default_value_t = 50)]
+        page_size: i32,
+        /// The next_page_token of the previous page.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Cancel an order (safe to repeat).
+    Cancel {
+        /// Order id.
+        id: String,
+    },
+    /// Check the server's health.
+    Health {
+        /// Service name ("" for the whole server).
+        #[arg(long, default_value = "orders.v1.OrderService")]
+        service: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Place {
+    /// Instrument, e.g. AAPL.
+    #[arg(long)]
+    symbol: String,
+    /// buy or sell.
+    #[arg(long, value_enum)]
+    side: SideArg,
+    /// limit (needs --price) or market.
+    #[arg(long = "type", value_enum, default_value = "limit")]
+    order_type: TypeArg,
+    /// Quantity, e.g. 10 or 0.5.
+    #[arg(long)]
+    quantity: String,
+    /// Limit price.
+    #[arg(long)]
+    price: Option<String>,
+    /// Time in force.
+    #[arg(long, value_enum, default_value = "gtc")]
+    tif: TifArg,
+    /// Idempotency key to use (reuse one on purpose to retry an earlier
+    /// place); a fresh UUID if not given.
+    #[arg(long)]
+    key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SideArg {
+    Buy,
+    Sell,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TypeArg {
+    Limit,
+    Market,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TifArg {
+    Gtc,
+    Ioc,
+    Fok,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StatusArg {
+    New,
+    Canceled,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn client_config(c: &Connection) -> Result<ClientConfig, String> {
+    let tls = if c.ca_cert.is_some() || c.cert.is_some() || c.addr.starts_with("https://") {
+        Some(ClientTls {
+            ca_pem: c.ca_cert.as_ref().map(read).transpose()?,
+            identity: match (&c.cert, &c.client_key) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            },
+            domain: c.tls_domain.clone(),
+        })
+    } else {
+        None
+    };
+    let quiet = c.json;
+    let retry = RetryPolicy {
+        total_timeout: c.timeout,
+        on_retry: Some(Arc::new(move |attempt, status| {
+            if !quiet {
+                eprintln!("attempt {attempt} failed ({:?}: {}); retrying", status.code(), status.message());
+            }
+        })),
+        ..RetryPolicy::default()
+    };
+    Ok(ClientConfig { endpoint: c.addr.clone(), token: c.token.clone(), tls, retry })
+}
+
+fn enum_name<E: std::fmt::Debug>(value: Result<E, prost::UnknownEnumValue>) -> String {
+    value.map(|v| format!("{v:?}").to_uppercase()).unwrap_or_else(|_| "UNKNOWN".to_owned())
+}
+
+fn timestamp(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref().map(|t| t.to_string()).unwrap_or_default()
+}
+
+fn order_json(o: &Order) -> serde_json::Value {
+    json!({
+        "order_id": o.order_id,
+        "client_request_id": o.client_request_id,
+        "account_id": o.account_id,
+        "symbol": o.symbol,
+        "side": Side::try_from(o.side).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "order_type": OrderType::try_from(o.order_type).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "quantity": o.quantity,
+        "limit_price": o.limit_price,
+        "time_in_force": TimeInForce::try_from(o.time_in_force).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "status": OrderStatus::try_from(o.status).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "create_time": timestamp(&o.create_time),
+        "update_time": timestamp(&o.update_time),
+    })
+}
+
+fn order_text(o: &Order) -> String {
+    let price = if o.limit_price.is_empty() { "market".to_owned() } else { format!("@ {}", o.limit_price) };
+    format!(
+        "{}  {} {} {} {} {}  {}  key {}  placed {}",
+        o.order_id,
+        enum_name(Side::try_from(o.side)).trim_start_matches("SIDE_").to_lowercase(),
+        o.quantity,
+        o.symbol,
+        price,
+        enum_name(TimeInForce::try_from(o.time_in_force)),
+        enum_name(OrderStatus::try_from(o.status)),
+        o.client_request_id,
+        timestamp(&o.create_time),
+    )
+}
+
+/// Prints a failure and picks the exit code.
+fn failed(error: &CallError, json: bool) -> ExitCode {
+    if json {
+        let out = json!({
+            "error": { "code": format!("{:?}", error.status.code()), "message": error.status.message() },
+            "attempts": error.attempts,
+            "client_request_id": error.client_request_id,
+        });
+        println!("{out}");
+    } else {
+        eprintln!("error: {error}");
+        if let (true, Some(key)) = (error.is_unreachable(), &error.client_request_id) {
+            eprintln!("the order may or may not be placed: retry with --key {key} to place it exactly once");
+        }
+    }
+    ExitCode::from(if error.is_unreachable() { 4 } else { 3 })
+}
+
+fn print<T>(json: bool, answer: &Answer<T>, as_json: serde_json::Value, text: String) {
+    if json {
+        let mut out = as_json;
+        out["attempts"] = answer.attempts.into();
+        println!("{out}");
+    } else {
+        println!("{text}");
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match client_config(&cli.connection) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let json = cli.connection.json;
+    if let Command::Health { service } = &cli.command {
+        return health(&config, service, json).await;
+    }
+    let mut client = match OrderClient::new(config) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("error: {}", e.status.message());
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Place(p) => {
+            let request = PlaceOrderRequest {
+                client_request_id: p.key.unwrap_or_default(),
+                symbol: p.symbol,
+                side: match p.side {
+                    SideArg::Buy => Side::Buy,
+                    SideArg::Sell => Side::Sell,
+                } as i32,
+                order_type: match p.order_type {
+                    TypeArg::Limit => OrderType::Limit,
+                    TypeArg::Market => OrderType::Market,
+                } as i32,
+                quantity: p.quantity,
+                limit_price: p.price.unwrap_or_default(),
+                time_in_force: match p.tif {
+                    TifArg::Gtc => TimeInForce::Gtc,
+                    TifArg::Ioc => TimeInForce::Ioc,
+                    TifArg::Fok => TimeInForce::Fok,
+                } as i32,
+            };
+            match client.place_order(request).await {
+                Ok(answer) => {
+                    let order = answer.value.order.clone().unwrap_or_default();
+                    let replayed = answer.value.replayed;
+                    let mut value = json!({ "order": order_json(&order), "replayed": replayed });
+                    value["client_request_id"] = answer.client_request_id.clone().into();
+                    let note = if replayed { "  (replayed: placed earlier with this key)" } else { "" };
+                    print(json, &answer, value, format!("{}{note}", order_text(&order)));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(&e, json),
+            }
+        }
+        Command::Get { id, key } => {
+            let lookup = match (id, key) {
+                (Some(id), _) => Lookup::OrderId(id),
+                (None, Some(key)) => Lookup::ClientRequestId(key),
+                (None, None) => unreachable!("clap requires --id or --key"),
+            };
+            match client.get_order(GetOrderRequest { lookup: Some(lookup) }).await {
+                Ok(answer) => {
+                    print(
+                        json,
+                        &answer,
+                        json!({ "order": order_json(&answer.value) }),
+                        order_text(&answer.value),
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(&e, json),
+            }
+        }
+        Command::List { symbol, status, page_size, page_token } => {
+            let request = ListOrdersRequest {
+                page_size,
+                page_token,
+                symbol: symbol.unwrap_or_default(),
+                status: match status {
+                    None => OrderStatus::Unspecified,
+                    Some(StatusArg::New) => OrderStatus::New,
+                    Some(StatusArg::Canceled) => OrderStatus::Canceled,
+                } as i32,
+            };
+            match client.list_orders(request).await {
+                Ok(answer) => {
+                    let page = &answer.value;
+                    let value = json!({
+                        "orders": page.orders.iter().map(order_json).collect::<Vec<_>>(),
+                        "next_page_token": page.next_page_token,
+                    });
+                    let mut text: Vec<String> = page.orders.iter().map(order_text).collect();
+                    if text.is_empty() {
+                        text.push("no orders".to_owned());
+                    }
+                    if !page.next_page_token.is_empty() {
+                        text.push(format!("more: --page-token {}", page.next_page_token));
+                    }
+                    print(json, &answer, value, text.join("\n"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(&e, json),
+            }
+        }
+        Command::Cancel { id } => match client.cancel_order(CancelOrderRequest { order_id: id }).await {
+            Ok(answer) => {
+                print(
+                    json,
+                    &answer,
+                    json!({ "order": order_json(&answer.value) }),
+                    order_text(&answer.value),
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => failed(&e, json),
+        },
+        Command::Health { .. } => unreachable!("handled above"),
+    }
+}
+
+async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
+    let result = async {
+        let channel =
+            config.endpoint().map_err(|e| e.status)?.connect().await.map_err(|e| {
+                tonic::Status::unavailable(format!("cannot connect to {}: {e}", config.endpoint))
+            })?;
+        let mut client = HealthClient::new(channel);
+        let request = tonic::Request::new(HealthCheckRequest { service: service.to_owned() });
+        client.check(request).await.map(|r| r.into_inner().status())
+    };
+    match tokio::time::timeout(config.retry.attempt_timeout, result).await {
+        Ok(Ok(status)) => {
+            let name = status.as_str_name();
+            if json {
+                println!("{}", json!({ "service": service, "status": name }));
+            } else {
+                println!("{name}");
+            }
+            if name == "SERVING" { ExitCode::SUCCESS } else { ExitCode::from(3) }
+        }
+        Ok(Err(status)) => failed(&CallError { status, attempts: 1, client_request_id: None }, json),
+        Err(_) => failed(
+            &CallError {
+                status: tonic::Status::deadline_exceeded("no answer"),
+                attempts: 1,
+                client_request_id: None,
+            },
+            json,
+        ),
+    }
+}

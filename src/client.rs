@@ -1,0 +1,379 @@
+//! A retrying client for Rust callers, used by `orderctl` too: retries done
+//! right from the caller's side.
+//!
+//! - One `client_request_id` per order: generated (UUID v4) when the caller
+//!   gives none, and sent unchanged on every attempt of that call.
+//! - Retries only `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `ABORTED` and
+//!   `RESOURCE_EXHAUSTED`; every other code is final at once.
+//! - Waits what the server's `RetryInfo` asks, else exponential backoff with
+//!   full jitter; bounded by attempts and by total time; each attempt has
+//!   its own deadline.
+//! - The channel reconnects by itself after the server restarts.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), order_service::client::CallError> {
+//! use order_service::client::{ClientConfig, OrderClient};
+//! use order_service::proto::{OrderType, PlaceOrderRequest, Side};
+//!
+//! let mut client = OrderClient::new(ClientConfig::new("http://127.0.0.1:50051"))?;
+//! let placed = client
+//!     .place_order(PlaceOrderRequest {
+//!         symbol: "AAPL".into(),
+//!         side: Side::Buy as i32,
+//!         order_type: OrderType::Limit as i32,
+//!         quantity: "10".into(),
+//!         limit_price: "187.50".into(),
+//!         ..Default::default() // no key given: one is generated and reused on retries
+//!     })
+//!     .await?;
+//! println!("{} after {} attempt(s), replayed: {}", placed.value.order.unwrap().order_id, placed.attempts, placed.value.replayed);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tonic::{
+    Code, Request, Status,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+use tonic_types::StatusExt;
+
+use crate::proto::{
+    CancelOrderRequest, GetOrderRequest, ListOrdersRequest, ListOrdersResponse, Order, PlaceOrderRequest,
+    PlaceOrderResponse, order_service_client::OrderServiceClient,
+};
+
+/// A callback told of each failed attempt before it is retried.
+pub type OnRetry = Arc<dyn Fn(u32, &Status) + Send + Sync>;
+
+/// When and how often to retry.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    /// Most attempts per call, the first included.
+    pub max_attempts: u32,
+    /// The backoff before the second attempt; it doubles per attempt.
+    pub initial_backoff: Duration,
+    /// The longest backoff (and the longest `RetryInfo` delay honoured).
+    pub max_backoff: Duration,
+    /// The deadline of one attempt.
+    pub attempt_timeout: Duration,
+    /// The deadline of the whole call, all attempts and waits included.
+    pub total_timeout: Duration,
+    /// Called before each retry with the attempt that failed and its status.
+    pub on_retry: Option<OnRetry>,
+}
+
+impl fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("total_timeout", &self.total_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 6,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(5),
+            total_timeout: Duration::from_secs(20),
+            on_retry: None,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Whether a call that failed with `code` may be retried with the same key.
+    pub fn is_retryable(code: Code) -> bool {
+        matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted)
+    }
+
+    /// The exponential backoff cap before attempt `attempt + 1`.
+    pub fn backoff_cap(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
+        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+
+    /// The wait after failed attempt `attempt`: the server's `RetryInfo`
+    /// delay if it sent one (at most `max_backoff`), else full jitter:
+    /// `random` (in 0..1) times the backoff cap.
+    pub fn delay(&self, attempt: u32, status: &Status, random: f64) -> Duration {
+        if let Some(delay) = status.get_details_retry_info().and_then(|info| info.retry_delay) {
+            return delay.min(self.max_backoff);
+        }
+        self.backoff_cap(attempt).mul_f64(random.clamp(0.0, 1.0))
+    }
+}
+
+/// TLS settings of the client.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// PEM CA that signed the server's certificate (else the system roots
+    /// are not used: give one).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name to verify the server's certificate against, if not the
+    /// endpoint's host.
+    pub domain: Option<String>,
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `http://host:port`, or `https://host:port` with `tls`.
+    pub endpoint: String,
+    /// Bearer token sent as `authorization: Bearer …`.
+    pub token: Option<String>,
+    /// TLS settings, for `https://` endpoints.
+    pub tls: Option<ClientTls>,
+    /// Retries.
+    pub retry: RetryPolicy,
+}
+
+impl ClientConfig {
+    /// Plain text to `endpoint`, no token, default retries.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self { endpoint: endpoint.into(), token: None, tls: None, retry: RetryPolicy::default() }
+    }
+
+    /// The endpoint these settings describe, for any gRPC client.
+    pub fn endpoint(&self) -> Result<Endpoint, CallError> {
+        let mut endpoint = Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| config_error(format!("bad address {}: {e}", self.endpoint)))?
+            .connect_timeout(self.retry.attempt_timeout)
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            let mut settings = ClientTlsConfig::new();
+            if let Some(ca) = &tls.ca_pem {
+                settings = settings.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &tls.identity {
+                settings = settings.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &tls.domain {
+                settings = settings.domain_name(domain.clone());
+            }
+            endpoint =
+                endpoint.tls_config(settings).map_err(|e| config_error(format!("TLS settings: {e}")))?;
+        }
+        Ok(endpoint)
+    }
+}
+
+/// A successful call: the answer and how many attempts it took.
+#[derive(Debug, Clone)]
+pub struct Answer<T> {
+    /// The server's answer.
+    pub value: T,
+    /// Attempts made, the successful one included.
+    pub attempts: u32,
+    /// The idempotency key used (PlaceOrder only).
+    pub client_request_id: Option<String>,
+}
+
+/// A call that failed for good.
+#[derive(Debug, Clone)]
+pub struct CallError {
+    /// The last status: final at once, or retryable but out of attempts or time.
+    pub status: Status,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The idempotency key used (PlaceOrder only): retry later with this key.
+    pub client_request_id: Option<String>,
+}
+
+impl CallError {
+    /// Whether the service could not be reached or stayed unavailable, as
+    /// opposed to refusing the request.
+    pub fn is_unreachable(&self) -> bool {
+        RetryPolicy::is_retryable(self.status.code())
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {} (after {} attempt(s))", self.status.code(), self.status.message(), self.attempts)
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// The order service, called with retries.
+#[derive(Debug, Clone)]
+pub struct OrderClient {
+    inner: OrderServiceClient<Channel>,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    retry: RetryPolicy,
+}
+
+fn config_error(message: impl fmt::Display) -> CallError {
+    CallError { status: Status::invalid_argument(message.to_string()), attempts: 0, client_request_id: None }
+}
+
+impl OrderClient {
+    /// A client for `config.endpoint`. It connects lazily, and reconnects by
+    /// itself, so a server that is down now is retried like any other outage.
+    pub fn new(config: ClientConfig) -> Result<Self, CallError> {
+        let endpoint = config.endpoint()?;
+        let token = match config.token {
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| config_error("the token has characters a header cannot carry"))?,
+            ),
+            None => None,
+        };
+        Ok(Self { inner: OrderServiceClient::new(endpoint.connect_lazy()), token, retry: config.retry })
+    }
+
+    /// Runs `call` with retries; `message` is sent unchanged on every attempt.
+    async fn with_retries<M: Clone, T, F, Fut>(
+        &mut self,
+        message: M,
+        key: Option<String>,
+        call: F,
+    ) -> Result<Answer<T>, CallError>
+    where
+        F: Fn(OrderServiceClient<Channel>, Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
+            let timeout = self.retry.attempt_timeout.min(remaining);
+            let mut request = Request::new(message.clone());
+            request.set_timeout(timeout);
+            if let Some(token) = &self.token {
+                request.metadata_mut().insert("authorization", token.clone());
+            }
+            let status = match tokio::time::timeout(timeout, call(self.inner.clone(), request)).await {
+                Ok(Ok(response)) => {
+                    return Ok(Answer {
+                        value: response.into_inner(),
+                        attempts: attempt,
+                        client_request_id: key,
+                    });
+                }
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded(format!("no answer within {timeout:?}")),
+            };
+            let delay = self.retry.delay(attempt, &status, random_unit());
+            let out_of_time = started.elapsed() + delay >= self.retry.total_timeout;
+            if !RetryPolicy::is_retryable(status.code()) || attempt >= self.retry.max_attempts || out_of_time
+            {
+                return Err(CallError { status, attempts: attempt, client_request_id: key });
+            }
+            if let Some(on_retry) = &self.retry.on_retry {
+                on_retry(attempt, &status);
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Places an order exactly once: a key is generated if `request` has
+    /// none, and every attempt sends the same key. The answer says whether
+    /// the server replayed an earlier attempt.
+    pub async fn place_order(
+        &mut self,
+        mut request: PlaceOrderRequest,
+    ) -> Result<Answer<PlaceOrderResponse>, CallError> {
+        if request.client_request_id.is_empty() {
+            request.client_request_id = uuid::Uuid::new_v4().to_string();
+        }
+        let key = Some(request.client_request_id.clone());
+        self.with_retries(request, key, |mut c, r| async move { c.place_order(r).await }).await
+    }
+
+    /// One order by id or key.
+    pub async fn get_order(&mut self, request: GetOrderRequest) -> Result<Answer<Order>, CallError> {
+        self.with_retries(request, None, |mut c, r| async move { c.get_order(r).await }).await
+    }
+
+    /// A page of orders.
+    pub async fn list_orders(
+        &mut self,
+        request: ListOrdersRequest,
+    ) -> Result<Answer<ListOrdersResponse>, CallError> {
+        self.with_retries(request, None, |mut c, r| async move { c.list_orders(r).await }).await
+    }
+
+    /// Cancels an order; safe to retry (a second cancel returns it unchanged).
+    pub async fn cancel_order(&mut self, request: CancelOrderRequest) -> Result<Answer<Order>, CallError> {
+        self.with_retries(request, None, |mut c, r| async move { c.cancel_order(r).await }).await
+    }
+}
+
+/// A random number in 0..1 for jitter.
+fn random_unit() -> f64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::ErrorDetails;
+
+    #[test]
+    fn only_safe_codes_are_retried() {
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Aborted, Code::ResourceExhausted] {
+            assert!(RetryPolicy::is_retryable(code), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::NotFound,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::AlreadyExists,
+            Code::Internal,
+        ] {
+            assert!(!RetryPolicy::is_retryable(code), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_within_its_bounds_with_full_jitter() {
+        let policy = RetryPolicy::default();
+        let unavailable = Status::unavailable("down");
+        for attempt in 1..=10 {
+            let cap = policy.backoff_cap(attempt);
+            assert!(cap <= policy.max_backoff);
+            assert_eq!(policy.delay(attempt, &unavailable, 0.0), Duration::ZERO);
+            assert_eq!(policy.delay(attempt, &unavailable, 1.0), cap);
+            let d = policy.delay(attempt, &unavailable, random_unit());
+            assert!(d <= cap, "attempt {attempt}: {d:?} > {cap:?}");
+        }
+        assert_eq!(policy.backoff_cap(1), Duration::from_millis(50));
+        assert_eq!(policy.backoff_cap(3), Duration::from_millis(200));
+        assert_eq!(policy.backoff_cap(30), policy.max_backoff);
+    }
+
+    #[test]
+    fn retry_info_is_honoured_up_to_the_max_backoff() {
+        let policy = RetryPolicy::default();
+        let asked = |delay| {
+            Status::with_error_details(Code::Unavailable, "busy", ErrorDetails::with_retry_info(Some(delay)))
+        };
+        assert_eq!(policy.delay(1, &asked(Duration::from_millis(300)), 0.0), Duration::from_millis(300));
+        assert_eq!(policy.delay(1, &asked(Duration::from_secs(60)), 0.0), policy.max_backoff);
+    }
+}

@@ -1,0 +1,181 @@
+//! The retrying client and orderctl: retries with one key end in one order.
+
+use std::{sync::Arc, time::Duration};
+
+use order_service::{
+    client::{ClientConfig, OrderClient, RetryPolicy},
+    config::Config,
+    proto::PlaceOrderRequest,
+    startup::Application,
+};
+use tokio::sync::Notify;
+use tonic::Code;
+
+use crate::helpers::{Db, Engine, TestDatabase, engine_tests, limit_order, new_key, spawn_app};
+
+fn client(addr: std::net::SocketAddr, retry: RetryPolicy) -> OrderClient {
+    OrderClient::new(ClientConfig { retry, ..ClientConfig::new(format!("http://{addr}")) }).unwrap()
+}
+
+fn quick_retries() -> RetryPolicy {
+    RetryPolicy {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(200),
+        ..RetryPolicy::default()
+    }
+}
+
+/// A valid order without a key: the client makes one.
+fn keyless() -> PlaceOrderRequest {
+    PlaceOrderRequest { client_request_id: String::new(), ..limit_order("") }
+}
+
+async fn a_reply_lost_after_the_commit_is_retried_with_the_same_key_and_replays(engine: Engine) {
+    let app = spawn_app(engine).await;
+    app.faults.lose_next_replies(2);
+    let mut client = client(app.addr, quick_retries());
+
+    let placed = client.place_order(keyless()).await.expect("the client recovers");
+    assert_eq!(placed.attempts, 3, "two lost replies, then the answer");
+    assert!(placed.value.replayed, "the answer is the order the first attempt committed");
+    let key = placed.client_request_id.clone().unwrap();
+    assert_eq!(placed.value.order.unwrap().client_request_id, key);
+    assert_eq!(app.count("orders").await, 1, "one order, however many attempts");
+}
+
+async fn a_server_that_is_down_at_first_is_retried_until_it_is_up(engine: Engine) {
+    // Reserve a port, and leave it closed while the first attempts fail.
+    let database = TestDatabase::new(engine).await;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let failed_once = Arc::new(Notify::new());
+    let notify = failed_once.clone();
+    let retry = RetryPolicy {
+        on_retry: Some(Arc::new(move |_, status: &tonic::Status| {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            notify.notify_one();
+        })),
+        // Patient enough for a server that migrates its database first.
+        max_attempts: 100,
+        ..quick_retries()
+    };
+    let mut client = client(addr, retry);
+    let call = tokio::spawn(async move { client.place_order(keyless()).await });
+
+    failed_once.notified().await;
+    let mut config = Config::defaults();
+    config.listen = addr;
+    config.database_url = database.url.clone();
+    config.metrics_listen = None;
+    let app = Application::build(config).await.expect("start the server on the reserved port");
+    let server = tokio::spawn(app.run(std::future::pending()));
+
+    let placed = call.await.unwrap().expect("succeeds once the server is up");
+    assert!(placed.attempts >= 2, "{} attempts", placed.attempts);
+    assert!(!placed.value.replayed);
+    assert_eq!(Db::connect(&database.url).await.scalar("select count(*) from orders").await, 1);
+    server.abort();
+}
+
+async fn refusals_are_final_after_one_attempt(engine: Engine) {
+    let mut app = spawn_app(engine).await;
+    let key = new_key();
+    app.place(limit_order(&key)).await;
+    let mut client = client(app.addr, quick_retries());
+
+    let mut other = limit_order(&key);
+    other.quantity = "99".into();
+    let reused = client.place_order(other).await.unwrap_err();
+    assert_eq!((reused.status.code(), reused.attempts), (Code::FailedPrecondition, 1));
+    assert!(!reused.is_unreachable());
+
+    let mut bad = keyless();
+    bad.symbol = "lower".into();
+    let invalid = client.place_order(bad).await.unwrap_err();
+    assert_eq!((invalid.status.code(), invalid.attempts), (Code::InvalidArgument, 1));
+}
+
+async fn orderctl_places_gets_lists_and_cancels_with_json_output(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let addr = format!("http://{}", app.addr);
+    let orderctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderctl"))
+            .args(["--addr", &addr, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        let json = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default();
+        (out.status.code(), json)
+    };
+    let (code, placed) =
+        orderctl(&["place", "--symbol", "AAPL", "--side", "buy", "--quantity", "10", "--price", "187.50"]);
+    assert_eq!(code, Some(0), "{placed}");
+    assert_eq!(placed["replayed"], false);
+    assert_eq!(placed["order"]["limit_price"], "187.5");
+    let key = placed["client_request_id"].as_str().unwrap().to_owned();
+    let id = placed["order"]["order_id"].as_str().unwrap().to_owned();
+
+    let (code, again) = orderctl(&[
+        "place",
+        "--symbol",
+        "AAPL",
+        "--side",
+        "buy",
+        "--quantity",
+        "10",
+        "--price",
+        "187.5",
+        "--key",
+        &key,
+    ]);
+    assert_eq!(
+        (code, &again["replayed"], &again["order"]["order_id"]),
+        (Some(0), &true.into(), &id.clone().into())
+    );
+
+    let (code, got) = orderctl(&["get", "--key", &key]);
+    assert_eq!((code, got["order"]["order_id"].as_str()), (Some(0), Some(id.as_str())));
+
+    let (code, canceled) = orderctl(&["cancel", &id]);
+    assert_eq!((code, canceled["order"]["status"].as_str()), (Some(0), Some("ORDER_STATUS_CANCELED")));
+
+    let (code, listed) = orderctl(&["list", "--status", "canceled"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(listed["orders"].as_array().unwrap().len(), 1);
+
+    // A refused request exits 3, with the status in the JSON.
+    let (code, refused) = orderctl(&[
+        "place",
+        "--symbol",
+        "AAPL",
+        "--side",
+        "buy",
+        "--quantity",
+        "11",
+        "--price",
+        "1",
+        "--key",
+        &key,
+    ]);
+    assert_eq!((code, refused["error"]["code"].as_str()), (Some(3), Some("FailedPrecondition")));
+    let (code, health) = orderctl(&["health"]);
+    assert_eq!((code, health["status"].as_str()), (Some(0), Some("SERVING")));
+    assert_eq!(app.count("orders").await, 1);
+}
+
+#[tokio::test]
+async fn orderctl_exits_4_when_the_service_is_unreachable() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderctl"))
+        .args(["--addr", &format!("http://{addr}"), "--timeout", "1s", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+engine_tests!(
+    a_reply_lost_after_the_commit_is_retried_with_the_same_key_and_replays,
+    a_server_that_is_down_at_first_is_retried_until_it_is_up,
+    refusals_are_final_after_one_attempt,
+    orderctl_places_gets_lists_and_cancels_with_json_output,
+);
