@@ -100,6 +100,14 @@ impl RetryPolicy {
         matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted)
     }
 
+    /// Whether a failed call may be retried with the same key: a retryable
+    /// code, or a call the server refused unprocessed because it was closing
+    /// the connection (HTTP/2 GOAWAY during a drain), which tonic reports as
+    /// `INTERNAL`.
+    pub fn may_retry(status: &Status) -> bool {
+        Self::is_retryable(status.code()) || refused_by_goaway(status)
+    }
+
     /// The exponential backoff cap before attempt `attempt + 1`.
     pub fn backoff_cap(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
@@ -269,6 +277,9 @@ impl OrderClient {
                         client_request_id: key,
                     });
                 }
+                Ok(Err(status)) if refused_by_goaway(&status) => {
+                    Status::unavailable(format!("the server closed the connection: {}", status.message()))
+                }
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded(format!("no answer within {timeout:?}")),
             };
@@ -316,6 +327,19 @@ impl OrderClient {
     pub async fn cancel_order(&mut self, request: CancelOrderRequest) -> Result<Answer<Order>, CallError> {
         self.with_retries(request, None, |mut c, r| async move { c.cancel_order(r).await }).await
     }
+}
+
+/// Whether the transport error behind `status` is the server's GOAWAY: the
+/// call was never processed, so it is as safe to retry as `UNAVAILABLE`.
+fn refused_by_goaway(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if format!("{error:?}").contains("GoAway(") {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// A random number in 0..1 for jitter.
