@@ -22,11 +22,13 @@
 //! - [`purge`]: the background purge of expired idempotency keys.
 //! - [`clock`]: where the time comes from (tests move it by hand).
 //! - [`client`]: the retrying client for Rust callers and `orderctl`.
+//! - [`bench`]: the closed-loop load generator behind `orderctl bench`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -9,6 +9,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use order_service::{
+    bench,
     client::{Answer, CallError, ClientConfig, ClientTls, OrderClient, RetryPolicy},
     proto::{
         CancelOrderRequest, GetOrderRequest, ListOrdersRequest, Order, OrderStatus, OrderType,
@@ -90,12 +91,37 @@ enum Command {
         /// Order id.
         id: String,
     },
+    /// Closed-loop load: N workers, one call in flight each, for a duration.
+    Bench(Bench),
     /// Check the server's health.
     Health {
         /// Service name ("" for the whole server).
         #[arg(long, default_value = "orders.v1.OrderService")]
         service: String,
     },
+}
+
+#[derive(Debug, Args)]
+struct Bench {
+    /// Workers, each with one call in flight.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// How long to measure.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Repeat orders placed before the clock starts (the replay path).
+    #[arg(long, conflicts_with_all = ["noop", "duplicate_ratio"])]
+    replay: bool,
+    /// Share (0 to 1) of PlaceOrders that reuse one of the worker's recent keys.
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_ratio: f64,
+    /// Health Check instead of PlaceOrder: the floor cost of one call.
+    #[arg(long)]
+    noop: bool,
+    /// Run the service's PlaceOrder transaction directly against this
+    /// database (no gRPC): the database's own limit.
+    #[arg(long, value_name = "DATABASE_URL")]
+    raw_db: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -262,6 +288,9 @@ async fn main() -> ExitCode {
     if let Command::Health { service } = &cli.command {
         return health(&config, service, json).await;
     }
+    if let Command::Bench(bench) = &cli.command {
+        return run_bench(&cli.connection, bench).await;
+    }
     let mut client = match OrderClient::new(config) {
         Ok(client) => client,
         Err(e) => {
@@ -365,7 +394,7 @@ async fn main() -> ExitCode {
             }
             Err(e) => failed(&e, json),
         },
-        Command::Health { .. } => unreachable!("handled above"),
+        Command::Health { .. } | Command::Bench(_) => unreachable!("handled above"),
     }
 }
 
@@ -398,5 +427,37 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
             },
             json,
         ),
+    }
+}
+
+async fn run_bench(c: &Connection, b: &Bench) -> ExitCode {
+    let target = match &b.raw_db {
+        Some(url) => bench::Target::RawDb(url.clone()),
+        None => bench::Target::Service { endpoint: c.addr.clone(), token: c.token.clone() },
+    };
+    let mode = if b.noop {
+        bench::Mode::Noop
+    } else if b.replay {
+        bench::Mode::Replay
+    } else {
+        bench::Mode::Place { duplicate_ratio: b.duplicate_ratio.clamp(0.0, 1.0) }
+    };
+    let config = bench::BenchConfig { target, mode, concurrency: b.concurrency.max(1), duration: b.duration };
+    match bench::run(config).await {
+        Ok(report) if c.json => {
+            println!("{}", report.to_json());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            println!(
+                "ops {}  ops/s {:.0}  p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  errors {:?}",
+                r.ops, r.ops_per_sec, r.p50_ms, r.p90_ms, r.p99_ms, r.max_ms, r.errors
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(4)
+        }
     }
 }
