@@ -127,6 +127,12 @@ pub struct Config {
     #[arg(long, env = "ORDERS_MAX_CONNECTION_AGE", default_value = "30m", value_parser = positive_duration)]
     pub max_connection_age: Duration,
 
+    /// SQLite: most PlaceOrders committed together by the group-commit writer
+    /// (one disk flush per batch); 1 turns batching off.
+    #[arg(long, env = "ORDERS_SQLITE_MAX_BATCH", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub sqlite_max_batch: u32,
+
     /// How often the database is pinged; health turns NOT_SERVING while it
     /// fails and SERVING again when it answers.
     #[arg(long, env = "ORDERS_HEALTH_INTERVAL", default_value = "5s", value_parser = positive_duration)]

@@ -89,6 +89,7 @@ impl Application {
             max_connections: config.db_max_connections,
             lock_timeout: config.lock_timeout,
             acquire_timeout: config.db_acquire_timeout,
+            sqlite_max_batch: config.sqlite_max_batch as usize,
         };
         let store =
             tokio::time::timeout(config.db_connect_timeout, Store::connect(&config.database_url, &options))

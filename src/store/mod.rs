@@ -37,6 +37,9 @@ pub struct StoreOptions {
     pub lock_timeout: Duration,
     /// How long a call waits for a pooled connection, including opening one.
     pub acquire_timeout: Duration,
+    /// SQLite: most PlaceOrders committed together (group commit); 1 turns
+    /// batching off.
+    pub sqlite_max_batch: usize,
 }
 
 impl Default for StoreOptions {
@@ -45,6 +48,7 @@ impl Default for StoreOptions {
             max_connections: 10,
             lock_timeout: Duration::from_secs(5),
             acquire_timeout: Duration::from_secs(5),
+            sqlite_max_batch: 256,
         }
     }
 }

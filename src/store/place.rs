@@ -104,6 +104,28 @@ pub(super) async fn place(
     Err(Error::internal("placing an order", "the idempotency key changed on every attempt"))
 }
 
+/// Answers from the key alone when it is live: the persisted order if the
+/// fingerprint matches, `KeyReused` if not; `None` when the key is new or
+/// expired. Reads only, so it can run on a reader beside the writer.
+pub(super) async fn replay(
+    conn: &mut impl PlaceTx,
+    account: &AccountId,
+    new: &NewOrder,
+    now: Timestamp,
+) -> Result<Option<(Order, Placement)>, Error> {
+    let Some(stored) = conn.read_key(account, new.client_request_id).await? else {
+        return Ok(None);
+    };
+    if stored.expire_time <= now {
+        return Ok(None);
+    }
+    let existing = conn.fetch_order(stored.order_id).await?;
+    if stored.fingerprint == new.fingerprint().0 {
+        return Ok(Some((existing, Placement::Replayed)));
+    }
+    Err(Error::KeyReused { order_id: existing.order_id, mismatched: new.mismatched_fields(&existing) })
+}
+
 async fn create(
     tx: &mut impl PlaceTx,
     account: &AccountId,

@@ -13,7 +13,7 @@ use std::{str::FromStr, time::Duration};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::{
-    AssertSqlSafe, PgPool, Postgres, Transaction,
+    AssertSqlSafe, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use uuid::Uuid;
@@ -86,7 +86,7 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db("bounding the lock wait"))?;
-        let placed = place::place(&mut tx, account, new, now, ttl).await?;
+        let placed = place::place(&mut *tx, account, new, now, ttl).await?;
         tx.commit().await.map_err(db("committing the order"))?;
         Ok(placed)
     }
@@ -240,7 +240,7 @@ impl PgStore {
     }
 }
 
-impl PlaceTx for Transaction<'_, Postgres> {
+impl PlaceTx for sqlx::PgConnection {
     async fn insert_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
         let result = sqlx::query(
             r"insert into idempotency_keys
@@ -254,7 +254,7 @@ impl PlaceTx for Transaction<'_, Postgres> {
         .bind(key.order_id.uuid())
         .bind(to_datetime(key.create_time))
         .bind(to_datetime(key.expire_time))
-        .execute(&mut **self)
+        .execute(&mut *self)
         .await
         .map_err(db_key("inserting the idempotency key"))?;
         Ok(result.rows_affected() == 1)
@@ -271,7 +271,7 @@ impl PlaceTx for Transaction<'_, Postgres> {
         )
         .bind(account.as_str())
         .bind(key.uuid())
-        .fetch_optional(&mut **self)
+        .fetch_optional(&mut *self)
         .await
         .map_err(db_key("reading the idempotency key"))?;
         Ok(row.map(|(fingerprint, order_id, expire_time)| StoredKey {
@@ -293,7 +293,7 @@ impl PlaceTx for Transaction<'_, Postgres> {
         .bind(to_datetime(key.expire_time))
         .bind(key.account_id.as_str())
         .bind(key.client_request_id.uuid())
-        .execute(&mut **self)
+        .execute(&mut *self)
         .await
         .map_err(db_key("replacing the expired idempotency key"))?;
         Ok(result.rows_affected() == 1)
@@ -317,7 +317,7 @@ impl PlaceTx for Transaction<'_, Postgres> {
         .bind(order.status.as_str())
         .bind(to_datetime(order.create_time))
         .bind(to_datetime(order.update_time))
-        .execute(&mut **self)
+        .execute(&mut *self)
         .await
         .map_err(db("inserting the order"))?;
         Ok(())
@@ -327,7 +327,7 @@ impl PlaceTx for Transaction<'_, Postgres> {
         let row: OrderRow =
             sqlx::query_as(concat!("select ", order_columns!(), " from orders where order_id = $1"))
                 .bind(id.uuid())
-                .fetch_one(&mut **self)
+                .fetch_one(&mut *self)
                 .await
                 .map_err(db("reading the order of an idempotency key"))?;
         row.try_into()

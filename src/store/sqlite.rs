@@ -10,9 +10,10 @@
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
-    AssertSqlSafe, Sqlite, SqlitePool, Transaction,
+    AssertSqlSafe, SqliteConnection, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
@@ -39,6 +40,102 @@ macro_rules! order_columns {
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Where PlaceOrders queue for the group-commit writer (none when
+    /// `sqlite_max_batch` is 1).
+    batcher: Option<mpsc::Sender<Queued>>,
+}
+
+/// A queued PlaceOrder and where its answer goes.
+type Queued = (Job, oneshot::Sender<Result<(Order, Placement), Error>>);
+
+/// One PlaceOrder waiting for the writer.
+#[derive(Debug)]
+struct Job {
+    account: AccountId,
+    new: NewOrder,
+    now: Timestamp,
+    ttl: Duration,
+}
+
+fn closed() -> Error {
+    Error::Unavailable { context: "placing an order", source: "the database writer has stopped".into() }
+}
+
+/// Runs `jobs` in one `begin immediate … commit`, each in its own savepoint
+/// so that one job's refusal (a reused key) leaves its batch-mates alone.
+/// Every job gets its answer only after the commit that holds it: one disk
+/// flush for the whole batch.
+async fn run_batch(
+    writer: &SqlitePool,
+    lock_wait: Duration,
+    jobs: Vec<Job>,
+) -> Vec<Result<(Order, Placement), Error>> {
+    let fail_all = |error: Error, n: usize| {
+        let others: Vec<_> = (1..n).map(|_| Err(same_failure(&error))).collect();
+        std::iter::once(Err(error)).chain(others).collect::<Vec<_>>()
+    };
+    let n = jobs.len();
+    let mut tx = match tokio::time::timeout(lock_wait, writer.begin_with("begin immediate")).await {
+        Ok(Ok(tx)) => tx,
+        Ok(Err(e)) => return fail_all(db("beginning the order transaction")(e), n),
+        Err(elapsed) => {
+            return fail_all(
+                Error::Unavailable { context: "waiting for the database writer", source: elapsed.into() },
+                n,
+            );
+        }
+    };
+    let mut results = Vec::with_capacity(n);
+    for job in jobs {
+        let result = async {
+            // On a connection already in a transaction, sqlx opens a savepoint.
+            let mut savepoint = sqlx::Connection::begin(&mut *tx).await.map_err(db("opening a savepoint"))?;
+            let placed = place::place(&mut *savepoint, &job.account, job.new, job.now, job.ttl).await;
+            if placed.is_ok() {
+                savepoint.commit().await.map_err(db("releasing a savepoint"))?;
+            } else {
+                savepoint.rollback().await.map_err(db("rolling back a savepoint"))?;
+            }
+            placed
+        }
+        .await;
+        results.push(result);
+    }
+    match tx.commit().await {
+        Ok(()) => results,
+        Err(e) => fail_all(db("committing the orders")(e), n),
+    }
+}
+
+/// The same failure again, for the other jobs of a failed batch.
+fn same_failure(error: &Error) -> Error {
+    match error {
+        Error::Internal { context, .. } => Error::internal(context, "the batch's transaction failed"),
+        Error::Unavailable { context, .. } => {
+            Error::Unavailable { context, source: "the batch's transaction failed".into() }
+        }
+        _ => closed(),
+    }
+}
+
+/// The group-commit writer: takes the first waiting PlaceOrder, then every
+/// other one already waiting (up to `max_batch`), without waiting for more,
+/// and runs them as one batch. Ends when the store is dropped.
+async fn batch_writer(
+    writer: SqlitePool,
+    lock_wait: Duration,
+    max_batch: usize,
+    mut queue: mpsc::Receiver<Queued>,
+) {
+    let mut waiting = Vec::with_capacity(max_batch);
+    while queue.recv_many(&mut waiting, max_batch).await > 0 {
+        let (jobs, replies): (Vec<_>, Vec<_>) = waiting.drain(..).unzip();
+        let results = run_batch(&writer, lock_wait, jobs).await;
+        for (reply, result) in replies.into_iter().zip(results) {
+            // The caller may have given up (deadline): its order still stands.
+            let _ = reply.send(result);
+        }
+    }
 }
 
 impl SqliteStore {
@@ -79,7 +176,12 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        let batcher = (options.sqlite_max_batch > 1).then(|| {
+            let (queue, jobs) = mpsc::channel(options.sqlite_max_batch * 4);
+            tokio::spawn(batch_writer(writer.clone(), options.lock_timeout, options.sqlite_max_batch, jobs));
+            queue
+        });
+        Ok(Self { writer, reader, batcher })
     }
 
     pub(super) async fn place_order(
@@ -90,19 +192,34 @@ impl SqliteStore {
         ttl: Duration,
         lock_wait: Duration,
     ) -> Result<(Order, Placement), Error> {
-        let begin = self.writer.begin_with("begin immediate");
-        let mut tx = match tokio::time::timeout(lock_wait, begin).await {
-            Ok(tx) => tx.map_err(db("beginning the order transaction"))?,
-            Err(elapsed) => {
-                return Err(Error::Unavailable {
-                    context: "waiting for the database writer",
-                    source: elapsed.into(),
-                });
+        // A retry of a committed order needs no write lock: answer it from a
+        // reader, beside the writer.
+        let mut reader = self.reader.acquire().await.map_err(db("reading the idempotency key"))?;
+        if let Some(replayed) = place::replay(&mut *reader, account, &new, now).await? {
+            return Ok(replayed);
+        }
+        drop(reader);
+        let job = Job { account: account.clone(), new, now, ttl };
+        match &self.batcher {
+            Some(batcher) => {
+                let (reply, answer) = oneshot::channel();
+                let waiting = async {
+                    batcher.send((job, reply)).await.map_err(|_| closed())?;
+                    answer.await.map_err(|_| closed())?
+                };
+                match tokio::time::timeout(lock_wait, waiting).await {
+                    Ok(result) => result,
+                    Err(elapsed) => Err(Error::Unavailable {
+                        context: "waiting for the database writer",
+                        source: elapsed.into(),
+                    }),
+                }
             }
-        };
-        let placed = place::place(&mut tx, account, new, now, ttl).await?;
-        tx.commit().await.map_err(db("committing the order"))?;
-        Ok(placed)
+            None => {
+                let mut results = run_batch(&self.writer, lock_wait, vec![job]).await;
+                results.pop().unwrap_or_else(|| Err(closed()))
+            }
+        }
     }
 
     pub(super) async fn get_order(&self, account: &AccountId, id: OrderId) -> Result<Order, Error> {
@@ -247,7 +364,7 @@ impl SqliteStore {
     }
 }
 
-impl PlaceTx for Transaction<'_, Sqlite> {
+impl PlaceTx for SqliteConnection {
     async fn insert_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
         let result = sqlx::query(
             r"insert into idempotency_keys
@@ -261,7 +378,7 @@ impl PlaceTx for Transaction<'_, Sqlite> {
         .bind(key.order_id.to_string())
         .bind(key.create_time.as_micros())
         .bind(key.expire_time.as_micros())
-        .execute(&mut **self)
+        .execute(&mut *self)
         .await
         .map_err(db("inserting the idempotency key"))?;
         Ok(result.rows_affected() == 1)
@@ -278,7 +395,7 @@ impl PlaceTx for Transaction<'_, Sqlite> {
         )
         .bind(account.as_str())
         .bind(key.to_string())
-        .fetch_optional(&mut **self)
+        .fetch_optional(&mut *self)
         .await
         .map_err(db("reading the idempotency key"))?;
         row.map(|(fingerprint, order_id, expire_time)| {
@@ -306,7 +423,7 @@ impl PlaceTx for Transaction<'_, Sqlite> {
         .bind(key.account_id.as_str())
         .bind(key.client_request_id.to_string())
         .bind(key.create_time.as_micros())
-        .execute(&mut **self)
+        .execute(&mut *self)
         .await
         .map_err(db("replacing the expired idempotency key"))?;
         Ok(result.rows_affected() == 1)
@@ -330,7 +447,7 @@ impl PlaceTx for Transaction<'_, Sqlite> {
         .bind(order.status.as_str())
         .bind(order.create_time.as_micros())
         .bind(order.update_time.as_micros())
-        .execute(&mut **self)
+        .execute(&mut *self)
         .await
         .map_err(db("inserting the order"))?;
         Ok(())
@@ -340,7 +457,7 @@ impl PlaceTx for Transaction<'_, Sqlite> {
         let row: OrderRow =
             sqlx::query_as(concat!("select ", order_columns!(), " from orders where order_id = ?"))
                 .bind(id.to_string())
-                .fetch_one(&mut **self)
+                .fetch_one(&mut *self)
                 .await
                 .map_err(db("reading the order of an idempotency key"))?;
         row.try_into()
