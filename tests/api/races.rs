@@ -107,7 +107,40 @@ async fn three_replicas_racing_200_keys_sent_5_times_each_create_200_orders(engi
     assert_eq!((orders, keys_stored, duplicates), (200, 200, 0));
 }
 
+async fn a_reused_key_racing_new_orders_is_refused_alone(engine: Engine) {
+    let mut app = spawn_app(engine).await;
+    let reused = new_key();
+    app.place(limit_order(&reused)).await;
+    // With group commit these land in shared batches: the refusal must not
+    // undo or block its batch-mates.
+    let mut calls = JoinSet::new();
+    for i in 0..60 {
+        let mut client = app.client.clone();
+        let req = if i % 3 == 0 {
+            let mut other = limit_order(&reused);
+            other.quantity = format!("{}", 100 + i);
+            other
+        } else {
+            limit_order(&new_key())
+        };
+        calls.spawn(async move { client.place_order(req).await.map(|r| r.into_inner()) });
+    }
+    let (mut created, mut refused) = (0, 0);
+    while let Some(result) = calls.join_next().await {
+        match result.unwrap() {
+            Ok(resp) => created += usize::from(!resp.replayed),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((created, refused), (40, 20));
+    assert_eq!(app.count("orders").await, 41);
+}
+
 engine_tests!(
+    a_reused_key_racing_new_orders_is_refused_alone,
     a_hundred_concurrent_identical_place_orders_create_one_order_and_99_replays,
     two_hundred_concurrent_distinct_keys_create_two_hundred_orders,
     three_replicas_racing_200_keys_sent_5_times_each_create_200_orders,
