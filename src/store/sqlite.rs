@@ -10,7 +10,7 @@
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
-    AssertSqlSafe, SqliteConnection, SqlitePool,
+    AssertSqlSafe, QueryBuilder, Sqlite, SqliteConnection, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use tokio::sync::{mpsc, oneshot};
@@ -87,9 +87,19 @@ async fn run_batch(
             );
         }
     };
+    let created = match insert_new(&mut tx, &jobs).await {
+        Ok(created) => created,
+        Err(error) => return fail_all(error, n),
+    };
     let mut results = Vec::with_capacity(n);
-    for job in jobs {
-        let placed = place::place(&mut *tx, &job.account, job.new, job.now, job.ttl).await;
+    for (job, created) in jobs.into_iter().zip(created) {
+        // A key the batch insert took is a new order, already written; any
+        // other (a retry, a duplicate inside this batch, an expired key) runs
+        // the ordinary flow, which now sees the batch's own rows.
+        let placed = match created {
+            Some(order) => Ok((order, Placement::Created)),
+            None => place::place(&mut *tx, &job.account, job.new, job.now, job.ttl).await,
+        };
         match placed {
             // A refused key wrote nothing (the flow only reads after a
             // conflicting insert), so its batch-mates are untouched.
@@ -103,6 +113,63 @@ async fn run_batch(
         Ok(()) => results,
         Err(e) => fail_all(db("committing the orders")(e), n),
     }
+}
+
+/// Inserts every job's key in one statement and, for the keys it took, every
+/// new order in a second: two statements per batch instead of two per order.
+/// Returns, per job, its created order, or `None` if its key already existed
+/// (then the ordinary flow decides: replay, refusal or expired reuse).
+async fn insert_new(tx: &mut SqliteConnection, jobs: &[Job]) -> Result<Vec<Option<Order>>, Error> {
+    let ids: Vec<OrderId> = jobs.iter().map(|_| OrderId::generate()).collect();
+    let mut keys = QueryBuilder::<Sqlite>::new(
+        "insert into idempotency_keys \
+         (account_id, client_request_id, fingerprint, order_id, create_time, expire_time) ",
+    );
+    keys.push_values(jobs.iter().zip(&ids), |mut row, (job, id)| {
+        row.push_bind(job.account.as_str())
+            .push_bind(job.new.client_request_id.to_string())
+            .push_bind(job.new.fingerprint().0.to_vec())
+            .push_bind(id.to_string())
+            .push_bind(job.now.as_micros())
+            .push_bind(job.now.add(job.ttl).as_micros());
+    });
+    keys.push(" on conflict (account_id, client_request_id) do nothing returning order_id");
+    let taken: std::collections::HashSet<String> = keys
+        .build_query_scalar::<String>()
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("inserting the idempotency keys"))?
+        .into_iter()
+        .collect();
+    let created: Vec<Option<Order>> = jobs
+        .iter()
+        .zip(&ids)
+        .map(|(job, id)| {
+            taken
+                .contains(&id.to_string())
+                .then(|| job.new.clone().into_order(job.account.clone(), *id, job.now))
+        })
+        .collect();
+    let new_orders: Vec<&Order> = created.iter().flatten().collect();
+    if !new_orders.is_empty() {
+        let mut orders = QueryBuilder::<Sqlite>::new(concat!("insert into orders (", order_columns!(), ") "));
+        orders.push_values(new_orders, |mut row, order| {
+            row.push_bind(order.order_id.to_string())
+                .push_bind(order.account_id.as_str().to_owned())
+                .push_bind(order.client_request_id.to_string())
+                .push_bind(order.symbol.as_str().to_owned())
+                .push_bind(order.side.as_str())
+                .push_bind(order.order_type.as_str())
+                .push_bind(order.quantity.to_string())
+                .push_bind(order.limit_price.map(|p| p.to_string()))
+                .push_bind(order.time_in_force.as_str())
+                .push_bind(order.status.as_str())
+                .push_bind(order.create_time.as_micros())
+                .push_bind(order.update_time.as_micros());
+        });
+        orders.build().execute(&mut *tx).await.map_err(db("inserting the orders"))?;
+    }
+    Ok(created)
 }
 
 /// The same failure again, for the other jobs of a failed batch.
