@@ -4,14 +4,13 @@ use std::{sync::Arc, time::Duration};
 
 use order_service::{
     client::{ClientConfig, OrderClient, RetryPolicy},
-    config::Config,
     proto::PlaceOrderRequest,
     startup::Application,
 };
 use tokio::sync::Notify;
 use tonic::Code;
 
-use crate::helpers::{Db, Engine, TestDatabase, engine_tests, limit_order, new_key, spawn_app};
+use crate::helpers::{Db, Engine, TestDatabase, engine_tests, limit_order, new_key, spawn_app, test_config};
 
 fn client(addr: std::net::SocketAddr, retry: RetryPolicy) -> OrderClient {
     OrderClient::new(ClientConfig { retry, ..ClientConfig::new(format!("http://{addr}")) }).unwrap()
@@ -62,10 +61,8 @@ async fn a_server_that_is_down_at_first_is_retried_until_it_is_up(engine: Engine
     let call = tokio::spawn(async move { client.place_order(keyless()).await });
 
     failed_once.notified().await;
-    let mut config = Config::defaults();
+    let mut config = test_config(&database);
     config.listen = addr;
-    config.database_url = database.url.clone();
-    config.metrics_listen = None;
     let app = Application::build(config).await.expect("start the server on the reserved port");
     let server = tokio::spawn(app.run(std::future::pending()));
 

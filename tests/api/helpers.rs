@@ -167,14 +167,21 @@ pub async fn spawn_app(engine: Engine) -> TestApp {
     spawn_app_with(engine, |_| {}).await
 }
 
-/// A server on a fresh database, with `configure` applied to its config.
-pub async fn spawn_app_with(engine: Engine, configure: impl FnOnce(&mut Config)) -> TestApp {
-    let database = TestDatabase::new(engine).await;
+/// The defaults for a test server on `database`: a free loopback port, no
+/// metrics endpoint, no shutdown delay.
+pub fn test_config(database: &TestDatabase) -> Config {
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.database_url = database.url.clone();
     config.metrics_listen = None;
     config.shutdown_delay = std::time::Duration::ZERO;
+    config
+}
+
+/// A server on a fresh database, with `configure` applied to its config.
+pub async fn spawn_app_with(engine: Engine, configure: impl FnOnce(&mut Config)) -> TestApp {
+    let database = TestDatabase::new(engine).await;
+    let mut config = test_config(&database);
     configure(&mut config);
     start(engine, config, database, Arc::new(ManualClock::new())).await
 }
@@ -183,11 +190,7 @@ pub async fn spawn_app_with(engine: Engine, configure: impl FnOnce(&mut Config))
 /// deployment are (they race to migrate it).
 pub async fn spawn_replicas(engine: Engine) -> [TestApp; 3] {
     let database = TestDatabase::new(engine).await;
-    let mut config = Config::defaults();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.database_url = database.url.clone();
-    config.metrics_listen = None;
-    config.shutdown_delay = std::time::Duration::ZERO;
+    let config = test_config(&database);
     let clock = Arc::new(ManualClock::new());
     let start = || start(engine, config.clone(), database.clone(), clock.clone());
     let (a, b, c) = tokio::join!(start(), start(), start());
