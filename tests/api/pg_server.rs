@@ -74,7 +74,7 @@ async fn a_duplicate_waits_for_the_call_in_flight_and_replays_its_order(engine: 
 }
 
 async fn a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use(engine: Engine) {
-    let mut app = spawn_app_with(engine, |c| c.lock_timeout = Duration::from_secs(1)).await;
+    let mut app = spawn_app_with(engine, |c| c.lock_timeout = Duration::from_secs(2)).await;
     let url = app.config.database_url.clone();
     let seed = new_key();
     app.place(limit_order(&seed)).await;
@@ -83,7 +83,7 @@ async fn a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use(engin
     let (mut holder, _) = hold_key(&url, &key).await;
     // A caller's deadline shorter than the lock timeout...
     let mut req = tonic::Request::new(limit_order(&key));
-    req.set_timeout(Duration::from_millis(400));
+    req.set_timeout(Duration::from_secs(1));
     let deadline = app.client.place_order(req).await.expect_err("in use");
     // ...and the lock timeout without a deadline.
     let timeout = app.client.place_order(limit_order(&key)).await.expect_err("in use");
