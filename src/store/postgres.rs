@@ -41,6 +41,8 @@ macro_rules! order_columns {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The `lock_timeout` every connection starts with.
+    lock_timeout: Duration,
 }
 
 fn to_datetime(t: Timestamp) -> DateTime<Utc> {
@@ -69,7 +71,7 @@ impl PgStore {
             .connect_with(connect)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, lock_timeout: options.lock_timeout })
     }
 
     pub(super) async fn place_order(
@@ -81,11 +83,15 @@ impl PgStore {
         lock_wait: Duration,
     ) -> Result<(Order, Placement), Error> {
         let mut tx = self.pool.begin().await.map_err(db("beginning the order transaction"))?;
-        sqlx::query("select set_config('lock_timeout', $1, true)")
-            .bind(millis_setting(lock_wait))
-            .execute(&mut *tx)
-            .await
-            .map_err(db("bounding the lock wait"))?;
+        // Connections start with the configured lock timeout; only a caller
+        // deadline shorter than it costs a round trip to shorten it.
+        if millis_setting(lock_wait) != millis_setting(self.lock_timeout) {
+            sqlx::query("select set_config('lock_timeout', $1, true)")
+                .bind(millis_setting(lock_wait))
+                .execute(&mut *tx)
+                .await
+                .map_err(db("bounding the lock wait"))?;
+        }
         let placed = place::place(&mut *tx, account, new, now, ttl).await?;
         tx.commit().await.map_err(db("committing the order"))?;
         Ok(placed)
