@@ -274,6 +274,17 @@ fn print<T>(json: bool, answer: &Answer<T>, as_json: serde_json::Value, text: St
     }
 }
 
+/// Prints one order (get, cancel), or the failure.
+fn print_order(json: bool, result: Result<Answer<Order>, CallError>) -> ExitCode {
+    match result {
+        Ok(answer) => {
+            print(json, &answer, json!({ "order": order_json(&answer.value) }), order_text(&answer.value));
+            ExitCode::SUCCESS
+        }
+        Err(e) => failed(&e, json),
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -338,18 +349,7 @@ async fn main() -> ExitCode {
                 (None, Some(key)) => Lookup::ClientRequestId(key),
                 (None, None) => unreachable!("clap requires --id or --key"),
             };
-            match client.get_order(GetOrderRequest { lookup: Some(lookup) }).await {
-                Ok(answer) => {
-                    print(
-                        json,
-                        &answer,
-                        json!({ "order": order_json(&answer.value) }),
-                        order_text(&answer.value),
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => failed(&e, json),
-            }
+            print_order(json, client.get_order(GetOrderRequest { lookup: Some(lookup) }).await)
         }
         Command::List { symbol, status, page_size, page_token } => {
             let request = ListOrdersRequest {
@@ -382,18 +382,9 @@ async fn main() -> ExitCode {
                 Err(e) => failed(&e, json),
             }
         }
-        Command::Cancel { id } => match client.cancel_order(CancelOrderRequest { order_id: id }).await {
-            Ok(answer) => {
-                print(
-                    json,
-                    &answer,
-                    json!({ "order": order_json(&answer.value) }),
-                    order_text(&answer.value),
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => failed(&e, json),
-        },
+        Command::Cancel { id } => {
+            print_order(json, client.cancel_order(CancelOrderRequest { order_id: id }).await)
+        }
         Command::Health { .. } | Command::Bench(_) => unreachable!("handled above"),
     }
 }
