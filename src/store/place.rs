@@ -1,9 +1,9 @@
 //! The PlaceOrder transaction of DESIGN.md section 4, written once for every
-//! engine: each engine supplies the five statements ([`PlaceTx`]) and runs
+//! engine: each engine supplies the four statements ([`PlaceTx`]) and runs
 //! [`place`] inside its own transaction, committing on success.
 //!
 //! The unique key `(account_id, client_request_id)` is the guard: the key row
-//! is inserted first with `on conflict do nothing`. On Postgres (READ
+//! is inserted with `on conflict do nothing`, and the order only if it was. On Postgres (READ
 //! COMMITTED) a racing duplicate's insert waits on the unique index until the
 //! first transaction ends, so every duplicate resolves to the one order.
 
@@ -26,20 +26,39 @@ pub(super) struct KeyRecord<'a> {
     pub expire_time: Timestamp,
 }
 
-/// A key row as stored.
+impl<'a> KeyRecord<'a> {
+    /// The key row of `new`, naming a freshly generated order id.
+    pub fn new(account: &'a AccountId, new: &NewOrder, now: Timestamp, ttl: Duration) -> Self {
+        KeyRecord {
+            account_id: account,
+            client_request_id: new.client_request_id,
+            fingerprint: new.fingerprint(),
+            order_id: OrderId::generate(),
+            create_time: now,
+            expire_time: now.add(ttl),
+        }
+    }
+}
+
+/// A key row as stored, with the order it names.
 #[derive(Debug)]
 pub(super) struct StoredKey {
     pub fingerprint: Vec<u8>,
-    pub order_id: OrderId,
     pub expire_time: Timestamp,
+    pub order: Order,
 }
 
 /// The statements of the PlaceOrder transaction, on an open transaction.
 pub(super) trait PlaceTx: Send {
-    /// Inserts the key unless it exists; true if inserted.
-    fn insert_key(&mut self, key: &KeyRecord<'_>) -> impl Future<Output = Result<bool, Error>> + Send;
+    /// Inserts the key and its new `order` unless the key exists; true if it
+    /// inserted both.
+    fn insert_key_and_order(
+        &mut self,
+        key: &KeyRecord<'_>,
+        order: &Order,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
 
-    /// Reads the key row, if any.
+    /// Reads the key row and the order it names, in one statement.
     fn read_key(
         &mut self,
         account: &AccountId,
@@ -55,9 +74,6 @@ pub(super) trait PlaceTx: Send {
 
     /// Inserts a new order.
     fn insert_order(&mut self, order: &Order) -> impl Future<Output = Result<(), Error>> + Send;
-
-    /// Reads an order by id.
-    fn fetch_order(&mut self, id: OrderId) -> impl Future<Output = Result<Order, Error>> + Send;
 }
 
 /// Places `new` for `account` within `tx`: creates the order, replays the
@@ -70,34 +86,24 @@ pub(super) async fn place(
     now: Timestamp,
     ttl: Duration,
 ) -> Result<(Order, Placement), Error> {
-    let record = KeyRecord {
-        account_id: account,
-        client_request_id: new.client_request_id,
-        fingerprint: new.fingerprint(),
-        order_id: OrderId::generate(),
-        create_time: now,
-        expire_time: now.add(ttl),
-    };
+    let record = KeyRecord::new(account, &new, now, ttl);
+    let order = new.clone().into_order(account.clone(), record.order_id, now);
     // Another transaction can change the key between two statements only by
     // purging or replacing an expired row; each such change ends the next
     // round, so a few rounds always suffice.
     for _ in 0..3 {
-        if tx.insert_key(&record).await? {
-            return create(tx, account, new, &record, Placement::Created).await;
+        if tx.insert_key_and_order(&record, &order).await? {
+            return Ok((order, Placement::Created));
         }
         let Some(stored) = tx.read_key(account, record.client_request_id).await? else {
             continue; // purged in between: insert again
         };
         if stored.expire_time > now {
-            let existing = tx.fetch_order(stored.order_id).await?;
-            if stored.fingerprint == record.fingerprint.0 {
-                return Ok((existing, Placement::Replayed));
-            }
-            let mismatched = new.mismatched_fields(&existing);
-            return Err(Error::KeyReused { order_id: existing.order_id, mismatched });
+            return answer_live(stored, &new).map(|order| (order, Placement::Replayed));
         }
         if tx.replace_expired_key(&record).await? {
-            return create(tx, account, new, &record, Placement::ExpiredReuse).await;
+            tx.insert_order(&order).await?;
+            return Ok((order, Placement::ExpiredReuse));
         }
         // Another call replaced the expired key first: read it again.
     }
@@ -106,34 +112,27 @@ pub(super) async fn place(
 
 /// Answers from the key alone when it is live: the persisted order if the
 /// fingerprint matches, `KeyReused` if not; `None` when the key is new or
-/// expired. Reads only, so it can run on a reader beside the writer.
+/// expired. Reads only, so it can run on a reader beside the writer, or
+/// outside a transaction.
 pub(super) async fn replay(
     conn: &mut impl PlaceTx,
     account: &AccountId,
     new: &NewOrder,
     now: Timestamp,
 ) -> Result<Option<(Order, Placement)>, Error> {
-    let Some(stored) = conn.read_key(account, new.client_request_id).await? else {
-        return Ok(None);
-    };
-    if stored.expire_time <= now {
-        return Ok(None);
+    match conn.read_key(account, new.client_request_id).await? {
+        Some(stored) if stored.expire_time > now => {
+            answer_live(stored, new).map(|order| Some((order, Placement::Replayed)))
+        }
+        _ => Ok(None),
     }
-    let existing = conn.fetch_order(stored.order_id).await?;
-    if stored.fingerprint == new.fingerprint().0 {
-        return Ok(Some((existing, Placement::Replayed)));
-    }
-    Err(Error::KeyReused { order_id: existing.order_id, mismatched: new.mismatched_fields(&existing) })
 }
 
-async fn create(
-    tx: &mut impl PlaceTx,
-    account: &AccountId,
-    new: NewOrder,
-    record: &KeyRecord<'_>,
-    placement: Placement,
-) -> Result<(Order, Placement), Error> {
-    let order = new.into_order(account.clone(), record.order_id, record.create_time);
-    tx.insert_order(&order).await?;
-    Ok((order, placement))
+/// The order of a live key if `new` is the same request, else `KeyReused`.
+fn answer_live(stored: StoredKey, new: &NewOrder) -> Result<Order, Error> {
+    if stored.fingerprint == new.fingerprint().0 {
+        return Ok(stored.order);
+    }
+    let mismatched = new.mismatched_fields(&stored.order);
+    Err(Error::KeyReused { order_id: stored.order.order_id, mismatched })
 }

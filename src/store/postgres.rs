@@ -82,10 +82,26 @@ impl PgStore {
         ttl: Duration,
         lock_wait: Duration,
     ) -> Result<(Order, Placement), Error> {
-        let mut tx = self.pool.begin().await.map_err(db("beginning the order transaction"))?;
+        let mut conn = self.pool.acquire().await.map_err(db("acquiring a database connection"))?;
         // Connections start with the configured lock timeout; only a caller
-        // deadline shorter than it costs a round trip to shorten it.
-        if millis_setting(lock_wait) != millis_setting(self.lock_timeout) {
+        // deadline shorter than it needs a transaction to shorten it in.
+        let shortened = millis_setting(lock_wait) != millis_setting(self.lock_timeout);
+        if !shortened {
+            // The common cases without a transaction: a new key is one
+            // statement (key and order, atomic on its own), a live key one
+            // read. Only an expired key takes the full transaction below.
+            let record = place::KeyRecord::new(account, &new, now, ttl);
+            let order = new.clone().into_order(account.clone(), record.order_id, now);
+            if conn.insert_key_and_order(&record, &order).await? {
+                return Ok((order, Placement::Created));
+            }
+            if let Some(replayed) = place::replay(&mut *conn, account, &new, now).await? {
+                return Ok(replayed);
+            }
+        }
+        let mut tx =
+            sqlx::Connection::begin(&mut *conn).await.map_err(db("beginning the order transaction"))?;
+        if shortened {
             sqlx::query("select set_config('lock_timeout', $1, true)")
                 .bind(millis_setting(lock_wait))
                 .execute(&mut *tx)
@@ -247,12 +263,20 @@ impl PgStore {
 }
 
 impl PlaceTx for sqlx::PgConnection {
-    async fn insert_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
+    /// One statement: the order is inserted only if the key was, so a new
+    /// order costs one round trip (and, outside a transaction, is its own
+    /// atomic transaction).
+    async fn insert_key_and_order(&mut self, key: &KeyRecord<'_>, order: &Order) -> Result<bool, Error> {
         let result = sqlx::query(
-            r"insert into idempotency_keys
-                  (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
-              values ($1, $2, $3, $4, $5, $6)
-              on conflict (account_id, client_request_id) do nothing",
+            r"with key as (
+                  insert into idempotency_keys
+                      (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
+                  values ($1, $2, $3, $4, $5, $6)
+                  on conflict (account_id, client_request_id) do nothing
+                  returning 1)
+              insert into orders (order_id, account_id, client_request_id, symbol, side, order_type,
+                  quantity, limit_price, time_in_force, status, create_time, update_time)
+              select $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18 from key",
         )
         .bind(key.account_id.as_str())
         .bind(key.client_request_id.uuid())
@@ -260,9 +284,21 @@ impl PlaceTx for sqlx::PgConnection {
         .bind(key.order_id.uuid())
         .bind(to_datetime(key.create_time))
         .bind(to_datetime(key.expire_time))
+        .bind(order.order_id.uuid())
+        .bind(order.account_id.as_str())
+        .bind(order.client_request_id.uuid())
+        .bind(order.symbol.as_str())
+        .bind(order.side.as_str())
+        .bind(order.order_type.as_str())
+        .bind(order.quantity.value())
+        .bind(order.limit_price.map(|p| p.value()))
+        .bind(order.time_in_force.as_str())
+        .bind(order.status.as_str())
+        .bind(to_datetime(order.create_time))
+        .bind(to_datetime(order.update_time))
         .execute(&mut *self)
         .await
-        .map_err(db_key("inserting the idempotency key"))?;
+        .map_err(db_key("inserting the idempotency key and the order"))?;
         Ok(result.rows_affected() == 1)
     }
 
@@ -271,20 +307,27 @@ impl PlaceTx for sqlx::PgConnection {
         account: &AccountId,
         key: ClientRequestId,
     ) -> Result<Option<StoredKey>, Error> {
-        let row: Option<(Vec<u8>, Uuid, DateTime<Utc>)> = sqlx::query_as(
-            r"select fingerprint, order_id, expire_time from idempotency_keys
-              where account_id = $1 and client_request_id = $2",
-        )
+        let row: Option<KeyOrderRow> = sqlx::query_as(concat!(
+            "select key_fingerprint, key_expire_time, ",
+            order_columns!(),
+            r" from (select fingerprint as key_fingerprint, expire_time as key_expire_time,
+                            order_id as key_order_id
+                     from idempotency_keys where account_id = $1 and client_request_id = $2) as key
+               join orders on orders.order_id = key.key_order_id"
+        ))
         .bind(account.as_str())
         .bind(key.uuid())
         .fetch_optional(&mut *self)
         .await
         .map_err(db_key("reading the idempotency key"))?;
-        Ok(row.map(|(fingerprint, order_id, expire_time)| StoredKey {
-            fingerprint,
-            order_id: OrderId::from_uuid(order_id),
-            expire_time: from_datetime(expire_time),
-        }))
+        row.map(|row| {
+            Ok(StoredKey {
+                fingerprint: row.key_fingerprint,
+                expire_time: from_datetime(row.key_expire_time),
+                order: row.order.try_into()?,
+            })
+        })
+        .transpose()
     }
 
     async fn replace_expired_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
@@ -328,16 +371,6 @@ impl PlaceTx for sqlx::PgConnection {
         .map_err(db("inserting the order"))?;
         Ok(())
     }
-
-    async fn fetch_order(&mut self, id: OrderId) -> Result<Order, Error> {
-        let row: OrderRow =
-            sqlx::query_as(concat!("select ", order_columns!(), " from orders where order_id = $1"))
-                .bind(id.uuid())
-                .fetch_one(&mut *self)
-                .await
-                .map_err(db("reading the order of an idempotency key"))?;
-        row.try_into()
-    }
 }
 
 /// Whether retrying later can succeed: the connection or server is gone,
@@ -380,6 +413,15 @@ fn db_key(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
         sqlx::Error::Database(e) if e.code().as_deref() == Some("55P03") => Error::KeyInUse,
         _ => db(context)(error),
     }
+}
+
+/// A key row joined with its order.
+#[derive(sqlx::FromRow)]
+struct KeyOrderRow {
+    key_fingerprint: Vec<u8>,
+    key_expire_time: DateTime<Utc>,
+    #[sqlx(flatten)]
+    order: OrderRow,
 }
 
 #[derive(sqlx::FromRow)]

@@ -430,7 +430,7 @@ impl SqliteStore {
 }
 
 impl PlaceTx for SqliteConnection {
-    async fn insert_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
+    async fn insert_key_and_order(&mut self, key: &KeyRecord<'_>, order: &Order) -> Result<bool, Error> {
         let result = sqlx::query(
             r"insert into idempotency_keys
                   (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
@@ -446,7 +446,11 @@ impl PlaceTx for SqliteConnection {
         .execute(&mut *self)
         .await
         .map_err(db("inserting the idempotency key"))?;
-        Ok(result.rows_affected() == 1)
+        if result.rows_affected() == 0 {
+            return Ok(false);
+        }
+        self.insert_order(order).await?;
+        Ok(true)
     }
 
     async fn read_key(
@@ -454,22 +458,24 @@ impl PlaceTx for SqliteConnection {
         account: &AccountId,
         key: ClientRequestId,
     ) -> Result<Option<StoredKey>, Error> {
-        let row: Option<(Vec<u8>, String, i64)> = sqlx::query_as(
-            r"select fingerprint, order_id, expire_time from idempotency_keys
-              where account_id = ? and client_request_id = ?",
-        )
+        let row: Option<KeyOrderRow> = sqlx::query_as(concat!(
+            "select key_fingerprint, key_expire_time, ",
+            order_columns!(),
+            r" from (select fingerprint as key_fingerprint, expire_time as key_expire_time,
+                            order_id as key_order_id
+                     from idempotency_keys where account_id = ? and client_request_id = ?)
+               join orders on orders.order_id = key_order_id"
+        ))
         .bind(account.as_str())
         .bind(key.to_string())
         .fetch_optional(&mut *self)
         .await
         .map_err(db("reading the idempotency key"))?;
-        row.map(|(fingerprint, order_id, expire_time)| {
-            let order_id =
-                Uuid::try_parse(&order_id).map_err(|e| Error::internal("decoding an idempotency key", e))?;
+        row.map(|row| {
             Ok(StoredKey {
-                fingerprint,
-                order_id: OrderId::from_uuid(order_id),
-                expire_time: Timestamp::from_micros(expire_time),
+                fingerprint: row.key_fingerprint,
+                expire_time: Timestamp::from_micros(row.key_expire_time),
+                order: row.order.try_into()?,
             })
         })
         .transpose()
@@ -517,16 +523,6 @@ impl PlaceTx for SqliteConnection {
         .map_err(db("inserting the order"))?;
         Ok(())
     }
-
-    async fn fetch_order(&mut self, id: OrderId) -> Result<Order, Error> {
-        let row: OrderRow =
-            sqlx::query_as(concat!("select ", order_columns!(), " from orders where order_id = ?"))
-                .bind(id.to_string())
-                .fetch_one(&mut *self)
-                .await
-                .map_err(db("reading the order of an idempotency key"))?;
-        row.try_into()
-    }
 }
 
 /// Maps a sqlx error to `UNAVAILABLE` when retrying later can succeed (busy,
@@ -551,6 +547,15 @@ fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
             Error::internal(context, error)
         }
     }
+}
+
+/// A key row joined with its order.
+#[derive(sqlx::FromRow)]
+struct KeyOrderRow {
+    key_fingerprint: Vec<u8>,
+    key_expire_time: i64,
+    #[sqlx(flatten)]
+    order: OrderRow,
 }
 
 #[derive(sqlx::FromRow)]

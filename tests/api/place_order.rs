@@ -134,3 +134,24 @@ engine_tests!(
     a_market_order_has_no_limit_price,
     a_server_restarted_on_the_same_database_replays_old_keys,
 );
+
+/// SQLite resolves a pending deferred foreign key by searching the child
+/// table for the parent's key: without an index on `idempotency_keys.order_id`
+/// that is a scan of every key per order placed, and PlaceOrder slowed as the
+/// table grew. Every foreign key's columns must lead some index.
+#[tokio::test]
+async fn sqlite_every_foreign_key_is_indexed() {
+    let app = spawn_app(Engine::Sqlite).await;
+    let db = app.db().await;
+    let unindexed = db
+        .strings(
+            r#"select t.name || '.' || fk."from" from sqlite_master t
+              join pragma_foreign_key_list(t.name) fk
+              where t.type = 'table' and not exists (
+                  select 1 from pragma_index_list(t.name) il
+                  join pragma_index_info(il.name) ii on ii.seqno = 0
+                  where ii.name = fk."from")"#,
+        )
+        .await;
+    assert!(unindexed.is_empty(), "foreign keys without an index: {unindexed:?}");
+}
