@@ -101,11 +101,10 @@ impl RetryPolicy {
     }
 
     /// Whether a failed call may be retried with the same key: a retryable
-    /// code, or a call the server refused unprocessed because it was closing
-    /// the connection (HTTP/2 GOAWAY during a drain), which tonic reports as
-    /// `INTERNAL`.
+    /// code, or a call that broke in the transport before any answer came
+    /// ([`broke_in_transport`]).
     pub fn may_retry(status: &Status) -> bool {
-        Self::is_retryable(status.code()) || refused_by_goaway(status)
+        Self::is_retryable(status.code()) || broke_in_transport(status)
     }
 
     /// The exponential backoff cap before attempt `attempt + 1`.
@@ -277,8 +276,8 @@ impl OrderClient {
                         client_request_id: key,
                     });
                 }
-                Ok(Err(status)) if refused_by_goaway(&status) => {
-                    Status::unavailable(format!("the server closed the connection: {}", status.message()))
+                Ok(Err(status)) if broke_in_transport(&status) => {
+                    Status::unavailable(format!("the connection broke: {}", transport_cause(&status)))
                 }
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded(format!("no answer within {timeout:?}")),
@@ -329,17 +328,26 @@ impl OrderClient {
     }
 }
 
-/// Whether the transport error behind `status` is the server's GOAWAY: the
-/// call was never processed, so it is as safe to retry as `UNAVAILABLE`.
-fn refused_by_goaway(status: &Status) -> bool {
+/// Whether `status` is the client's own report of a broken transport (the
+/// connection was refused, reset, closed by a GOAWAY or by the server dying)
+/// rather than a status the server sent: tonic reports those as `UNKNOWN`,
+/// `CANCELLED` or `INTERNAL` with the transport error as the source, while a
+/// server's status has no source. The call may or may not have run, and
+/// every call of this client is safe to repeat (PlaceOrder by its key), so
+/// it is retried like `UNAVAILABLE`.
+pub fn broke_in_transport(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
+}
+
+/// The innermost error behind a transport failure, for the retry message.
+fn transport_cause(status: &Status) -> String {
+    let mut cause = status.message().to_owned();
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
-        if format!("{error:?}").contains("GoAway(") {
-            return true;
-        }
+        cause = error.to_string();
         source = error.source();
     }
-    false
+    cause
 }
 
 /// A random number in 0..1 for jitter.

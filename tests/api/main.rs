@@ -2,6 +2,7 @@
 
 mod cancel_order;
 mod client;
+mod crash;
 mod discovery;
 mod expiry;
 mod failures;

@@ -30,8 +30,14 @@ impl ServerProcess {
     /// Starts the binary with `args` (plus a free port and JSON logs) and
     /// returns once it logs the address it listens on.
     pub async fn start(args: &[&str]) -> ServerProcess {
+        Self::start_at("127.0.0.1:0", args).await
+    }
+
+    /// As [`ServerProcess::start`], listening on `listen` (a restart on the
+    /// port an earlier process had).
+    pub async fn start_at(listen: &str, args: &[&str]) -> ServerProcess {
         let mut child = Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--listen", listen, "--log-format", "json", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -87,6 +93,12 @@ impl ServerProcess {
     /// Every line the server has written to stdout so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
+    }
+
+    /// Kills the process with SIGKILL, as the kernel's OOM killer or a lost
+    /// node would, and waits for it to be gone.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("SIGKILL the server");
     }
 
     /// Sends the process a signal (`TERM`, `HUP`, …).
