@@ -6,9 +6,10 @@
 
 mod auth;
 mod convert;
-mod page_token;
+pub mod page_token;
 
 pub use auth::{Authenticator, new_token};
+pub use convert::{ListQuery, Lookup};
 
 use std::{
     sync::Arc,
@@ -27,7 +28,6 @@ use crate::{
     proto::{self, order_service_server::OrderService},
     store::Store,
 };
-use convert::{ListQuery, Lookup};
 
 /// The response header set on a replayed `PlaceOrder`.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";

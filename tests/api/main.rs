@@ -13,6 +13,7 @@ mod operations;
 mod pg_server;
 mod place_order;
 mod process;
+mod properties;
 mod races;
 mod security;
 mod shutdown;
