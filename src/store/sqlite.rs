@@ -72,26 +72,48 @@ async fn run_batch(
     lock_wait: Duration,
     jobs: Vec<Job>,
 ) -> Vec<Result<(Order, Placement), Error>> {
-    let fail_all = |error: Error, n: usize| {
-        let others: Vec<_> = (1..n).map(|_| Err(same_failure(&error))).collect();
-        std::iter::once(Err(error)).chain(others).collect::<Vec<_>>()
-    };
     let n = jobs.len();
-    let mut tx = match tokio::time::timeout(lock_wait, writer.begin_with("begin immediate")).await {
-        Ok(Ok(tx)) => tx,
+    let mut conn = match tokio::time::timeout(lock_wait, writer.acquire()).await {
+        Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return fail_all(db("beginning the order transaction")(e), n),
         Err(elapsed) => {
-            return fail_all(
-                Error::Unavailable { context: "waiting for the database writer", source: elapsed.into() },
-                n,
-            );
+            let error =
+                Error::Unavailable { context: "waiting for the database writer", source: elapsed.into() };
+            return fail_all(error, n);
         }
     };
-    let created = match insert_new(&mut tx, &jobs).await {
-        Ok(created) => created,
-        Err(error) => return fail_all(error, n),
+    match write_batch(&mut conn, lock_wait, jobs).await {
+        Ok(results) => results,
+        Err(error) => {
+            // After a failed statement or COMMIT (disk full, file made
+            // unwritable) SQLite may already have rolled back, and sqlx's own
+            // rollback then fails and leaves the connection believing it is
+            // still in a transaction, refusing every later BEGIN. Start the
+            // next batch on a fresh connection instead.
+            conn.close_on_drop();
+            fail_all(error, n)
+        }
+    }
+}
+
+/// The batch's transaction on `conn`; any error means nothing was committed.
+async fn write_batch(
+    conn: &mut SqliteConnection,
+    lock_wait: Duration,
+    jobs: Vec<Job>,
+) -> Result<Vec<Result<(Order, Placement), Error>>, Error> {
+    let begin = sqlx::Connection::begin_with(conn, "begin immediate");
+    let mut tx = match tokio::time::timeout(lock_wait, begin).await {
+        Ok(tx) => tx.map_err(db("beginning the order transaction"))?,
+        Err(elapsed) => {
+            return Err(Error::Unavailable {
+                context: "waiting for the database writer",
+                source: elapsed.into(),
+            });
+        }
     };
-    let mut results = Vec::with_capacity(n);
+    let created = insert_new(&mut tx, &jobs).await?;
+    let mut results = Vec::with_capacity(jobs.len());
     for (job, created) in jobs.into_iter().zip(created) {
         // A key the batch insert took is a new order, already written; any
         // other (a retry, a duplicate inside this batch, an expired key) runs
@@ -106,13 +128,17 @@ async fn run_batch(
             Ok(_) | Err(Error::KeyReused { .. }) => results.push(placed),
             // A database error may have left a half-done order: roll the
             // whole batch back; every caller may retry with its key.
-            Err(error) => return fail_all(error, n),
+            Err(error) => return Err(error),
         }
     }
-    match tx.commit().await {
-        Ok(()) => results,
-        Err(e) => fail_all(db("committing the orders")(e), n),
-    }
+    tx.commit().await.map_err(db("committing the orders"))?;
+    Ok(results)
+}
+
+/// `error` for the first of `n` jobs, and the same failure for the others.
+fn fail_all(error: Error, n: usize) -> Vec<Result<(Order, Placement), Error>> {
+    let others: Vec<_> = (1..n).map(|_| Err(same_failure(&error))).collect();
+    std::iter::once(Err(error)).chain(others).collect()
 }
 
 /// Inserts every job's key in one statement and, for the keys it took, every

@@ -10,6 +10,7 @@ mod get_order;
 mod helpers;
 mod list_orders;
 mod operations;
+mod outages;
 mod pg_server;
 mod place_order;
 mod process;

@@ -13,7 +13,7 @@ use tonic_health::pb::{
 };
 
 use crate::helpers::{
-    Engine, channel, limit_order, new_key, postgres_tests, repo_path, spawn_app, spawn_app_with,
+    Cluster, Engine, channel, limit_order, new_key, postgres_tests, spawn_app, spawn_app_with,
 };
 
 /// Holds the key's row lock from another connection, as a call in flight
@@ -98,30 +98,6 @@ async fn a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use(engin
     let resp = app.place(limit_order(&key)).await;
     assert!(!resp.replayed);
     assert_eq!(app.count("orders").await, 2);
-}
-
-/// A private Postgres cluster this test may stop and start.
-struct Cluster(tempfile::TempDir);
-
-impl Cluster {
-    fn run(&self, verb: &str) -> String {
-        let out = std::process::Command::new(repo_path("scripts/pg-cluster"))
-            .arg(verb)
-            .arg(self.0.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pg-cluster {verb}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(repo_path("scripts/pg-cluster"))
-            .arg("stop")
-            .arg(self.0.path())
-            .output();
-    }
 }
 
 async fn calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_back(engine: Engine) {
