@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tonic::{Code, Request};
 
 use crate::helpers::{
-    Cluster, Db, Engine, TestApp, channel, limit_order, new_key, postgres_tests, spawn_app_with,
+    Cluster, Engine, TestApp, channel, limit_order, new_key, postgres_tests, spawn_app_with,
 };
 
 /// Each call's deadline; the service must answer within it.
