@@ -127,6 +127,11 @@ pub struct Config {
     #[arg(long, env = "ORDERS_MAX_CONNECTION_AGE", default_value = "30m", value_parser = positive_duration)]
     pub max_connection_age: Duration,
 
+    /// A connection that sends nothing (no TLS or HTTP/2 handshake) within
+    /// this long after it is accepted is closed.
+    #[arg(long, env = "ORDERS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub handshake_timeout: Duration,
+
     /// SQLite: most PlaceOrders committed together by the group-commit writer
     /// (one disk flush per batch); 1 turns batching off.
     #[arg(long, env = "ORDERS_SQLITE_MAX_BATCH", default_value_t = 256,

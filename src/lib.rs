@@ -35,6 +35,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod metrics;
+pub mod net;
 pub mod proto;
 pub mod purge;
 pub mod startup;

@@ -250,12 +250,15 @@ impl Application {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_connection_age(config.max_connection_age)
-            .max_connection_age_grace(config.shutdown_grace);
+            .max_connection_age_grace(config.shutdown_grace)
+            .layer(crate::api::MalformedRequestsLayer);
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).context("configuring TLS")?;
         }
-        let incoming =
-            TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
+        let incoming = crate::net::handshake_deadline(
+            TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE)),
+            config.handshake_timeout,
+        );
         let server = builder
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -6,10 +6,12 @@
 
 mod auth;
 mod convert;
+mod malformed;
 pub mod page_token;
 
 pub use auth::{Authenticator, new_token};
 pub use convert::{ListQuery, Lookup};
+pub use malformed::MalformedRequestsLayer;
 
 use std::{
     sync::Arc,

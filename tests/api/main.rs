@@ -8,6 +8,7 @@ mod expiry;
 mod failures;
 mod get_order;
 mod helpers;
+mod hostile;
 mod list_orders;
 mod operations;
 mod outages;

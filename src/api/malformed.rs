@@ -1,0 +1,70 @@
+//! Requests whose message does not decode as the method's protobuf answer
+//! `INVALID_ARGUMENT`, not the `INTERNAL` tonic gives them: the fault is the
+//! caller's, and `INTERNAL` is what pages whoever runs the service.
+//!
+//! tonic decodes the message before any handler runs, and answers a decode
+//! failure with a trailers-only response carrying `grpc-status: 13` and a
+//! `grpc-message` starting "failed to decode Protobuf message". This layer
+//! rewrites exactly those responses; the service's own `INTERNAL` answers
+//! always say just "internal error".
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tonic::{Code, codegen::http};
+
+/// What tonic's decode failures say first (prost's `DecodeError`), as it
+/// appears in `grpc-message`: percent-encoded, spaces included.
+const DECODE_FAILURE: [&[u8]; 2] =
+    [b"failed%20to%20decode%20Protobuf%20message", b"failed to decode Protobuf message"];
+
+/// Wraps a service in [`MalformedRequests`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MalformedRequestsLayer;
+
+impl<S> tower::Layer<S> for MalformedRequestsLayer {
+    type Service = MalformedRequests<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MalformedRequests(inner)
+    }
+}
+
+/// A service whose undecodable requests answer `INVALID_ARGUMENT`.
+#[derive(Debug, Clone)]
+pub struct MalformedRequests<S>(S);
+
+impl<S, B, R> tower::Service<http::Request<B>> for MalformedRequests<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            let headers = response.headers_mut();
+            let internal = headers.get("grpc-status").is_some_and(|s| s.as_bytes() == b"13");
+            let undecodable = headers
+                .get("grpc-message")
+                .is_some_and(|m| DECODE_FAILURE.iter().any(|d| m.as_bytes().starts_with(d)));
+            if internal && undecodable {
+                headers.insert("grpc-status", http::HeaderValue::from(Code::InvalidArgument as i32));
+                tracing::info!(rpc = %path, code = "InvalidArgument", "refused a message that does not decode");
+            }
+            Ok(response)
+        })
+    }
+}

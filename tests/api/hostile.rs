@@ -1,0 +1,209 @@
+//! Hostile wire input: malformed protobuf, unknown enum numbers, huge
+//! strings, and floods of connections opened and abandoned. Each gets a clear
+//! error or is closed, nothing is written, memory stays bounded, and
+//! well-behaved callers keep being served.
+
+use std::time::Duration;
+
+use order_service::{
+    client::{ClientConfig, OrderClient},
+    proto::PlaceOrderRequest,
+};
+use prost::bytes::{Buf, BufMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tonic::{
+    Code, Request, Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codegen::http::uri::PathAndQuery,
+};
+use tonic_types::StatusExt;
+
+use crate::{
+    helpers::{Engine, TestDatabase, channel, engine_tests, limit_order, new_key, spawn_app},
+    process::ServerProcess,
+};
+
+/// Sends and receives message bytes as they are, so a test can send what no
+/// generated client would.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let mut bytes = vec![0; src.remaining()];
+        src.copy_to_slice(&mut bytes);
+        Ok(Some(bytes))
+    }
+}
+
+async fn malformed_messages_unknown_enums_and_huge_strings_get_clear_errors(engine: Engine) {
+    let mut app = spawn_app(engine).await;
+    let mut raw = tonic::client::Grpc::new(channel(app.addr).await);
+    let malformed: [&[u8]; 5] = [
+        b"\xff\xff\xff",             // a varint that never ends
+        b"\x0a\x05ab",               // a string shorter than its length
+        b"\x08\x96\x01",             // client_request_id as a varint
+        b"\x0a\x80\x80\x80\x80\x10", // a length of 4 GiB
+        b"\x3a\x02\x08\x01",         // time_in_force as bytes
+    ];
+    for bytes in malformed {
+        raw.ready().await.unwrap();
+        let path = PathAndQuery::from_static("/orders.v1.OrderService/PlaceOrder");
+        let status = raw.unary(Request::new(bytes.to_vec()), path, RawCodec).await.expect_err("malformed");
+        assert_eq!(status.code(), Code::InvalidArgument, "{bytes:?}: {status:?}");
+        assert!(status.message().starts_with("failed to decode Protobuf message"), "{status:?}");
+    }
+
+    // Enum numbers no version of the API defines.
+    let mut req = limit_order(&new_key());
+    req.side = 99;
+    req.order_type = -7;
+    req.time_in_force = 1234;
+    let status = app.client.place_order(req).await.expect_err("unknown enums");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let fields: Vec<String> = status
+        .get_error_details()
+        .bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(fields, ["side", "order_type", "time_in_force"]);
+
+    // A huge string within the message limit is refused without being
+    // echoed back; one past the limit is refused before it is decoded.
+    let mut req = limit_order(&new_key());
+    req.symbol = "A".repeat(60_000);
+    req.quantity = "9".repeat(2_000);
+    let status = app.client.place_order(req).await.expect_err("huge fields");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().len() < 1_000, "the refusal echoes {} bytes", status.message().len());
+    assert!(status.details().len() < 2_000, "the details carry {} bytes", status.details().len());
+    let mut req = limit_order(&new_key());
+    req.symbol = "A".repeat(1 << 20);
+    let status = app.client.place_order(req).await.expect_err("over the limit");
+    assert_eq!(status.code(), Code::OutOfRange, "tonic's answer to a message over the limit");
+
+    assert_eq!(app.count("orders").await, 0, "nothing written");
+    assert_eq!(app.count("idempotency_keys").await, 0);
+    assert!(!app.place(limit_order(&new_key())).await.replayed, "and good calls are served");
+}
+
+engine_tests!(malformed_messages_unknown_enums_and_huge_strings_get_clear_errors);
+
+/// A field of `/proc/PID/status`, in kB.
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// How many file descriptors the process has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// Waits (at most 15 s) for the server to close `stream`.
+async fn closed_by_server(mut stream: TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    let read_to_end = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the server's own preface or GOAWAY
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), read_to_end).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_abandoned_connections_is_closed_and_good_callers_are_served() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let server = ServerProcess::start(&["--database-url", &database.url, "--handshake-timeout", "1s"]).await;
+    let pid = server.child.id().unwrap();
+    let mut client = OrderClient::new(ClientConfig::new(format!("http://{}", server.addr))).unwrap();
+    let place = async |client: &mut OrderClient, n: usize| {
+        for _ in 0..n {
+            let req = PlaceOrderRequest { client_request_id: String::new(), ..limit_order("") };
+            let placed = client.place_order(req).await.expect("a well-behaved caller is served");
+            assert_eq!(placed.attempts, 1, "served at the first attempt");
+        }
+    };
+    place(&mut client, 50).await;
+    let (rss_before, fds_before) = (proc_status_kb(pid, "VmRSS:"), open_fds(pid));
+
+    // Connections that say nothing, start a handshake and stall, or send
+    // garbage; all left open by the client.
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        match i % 3 {
+            0 => {}
+            1 => stream.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap(),
+            _ => stream.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(64)).await.unwrap(),
+        }
+        flood.push(stream);
+    }
+    // Meanwhile, calls are served as before.
+    place(&mut client, 50).await;
+    let during = open_fds(pid);
+    let closed = futures_closed(flood).await;
+    assert_eq!(closed, 300, "every abandoned connection is closed by the server");
+
+    // Connections opened and dropped at once.
+    for _ in 0..1_000 {
+        drop(TcpStream::connect(server.addr).await.unwrap());
+    }
+    place(&mut client, 50).await;
+
+    let (rss_after, fds_after) = (proc_status_kb(pid, "VmRSS:"), open_fds(pid));
+    println!(
+        "connection flood: RSS {rss_before} kB before, {rss_after} kB after; \
+         open fds {fds_before} before, {during} during, {fds_after} after"
+    );
+    assert!(fds_after <= fds_before + 5, "connections left open: {fds_before} fds before, {fds_after} after");
+    assert!(rss_after < rss_before + 32 * 1024, "RSS grew from {rss_before} kB to {rss_after} kB");
+}
+
+/// Waits for the server to close every stream; how many it closed.
+async fn futures_closed(streams: Vec<TcpStream>) -> usize {
+    let waits: Vec<_> = streams.into_iter().map(|s| tokio::spawn(closed_by_server(s))).collect();
+    let mut closed = 0;
+    for wait in waits {
+        closed += usize::from(wait.await.unwrap());
+    }
+    closed
+}
