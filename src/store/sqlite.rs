@@ -13,7 +13,10 @@ use sqlx::{
     AssertSqlSafe, QueryBuilder, Sqlite, SqliteConnection, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 use uuid::Uuid;
 
 use super::{
@@ -55,6 +58,10 @@ struct Job {
     new: NewOrder,
     now: Timestamp,
     ttl: Duration,
+    /// When its caller stops waiting for the write lock: its batch gives
+    /// up taking the lock by then too, so a caller told UNAVAILABLE for a
+    /// busy database was not written behind its back.
+    deadline: Instant,
 }
 
 fn closed() -> Error {
@@ -67,13 +74,12 @@ fn closed() -> Error {
 /// alone; a database error rolls the whole batch back (nothing of it is
 /// committed, so every caller may retry with its key). Savepoints per job
 /// would add two statements per order for no gain: no refusal writes first.
-async fn run_batch(
-    writer: &SqlitePool,
-    lock_wait: Duration,
-    jobs: Vec<Job>,
-) -> Vec<Result<(Order, Placement), Error>> {
+async fn run_batch(writer: &SqlitePool, jobs: Vec<Job>) -> Vec<Result<(Order, Placement), Error>> {
     let n = jobs.len();
-    let mut conn = match tokio::time::timeout(lock_wait, writer.acquire()).await {
+    let Some(deadline) = jobs.iter().map(|job| job.deadline).min() else {
+        return Vec::new();
+    };
+    let mut conn = match tokio::time::timeout_at(deadline, writer.acquire()).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return fail_all(db("beginning the order transaction")(e), n),
         Err(elapsed) => {
@@ -82,7 +88,7 @@ async fn run_batch(
             return fail_all(error, n);
         }
     };
-    match write_batch(&mut conn, lock_wait, jobs).await {
+    match write_batch(&mut conn, deadline, jobs).await {
         Ok(results) => results,
         Err(error) => {
             // After a failed statement or COMMIT (disk full, file made
@@ -99,11 +105,13 @@ async fn run_batch(
 /// The batch's transaction on `conn`; any error means nothing was committed.
 async fn write_batch(
     conn: &mut SqliteConnection,
-    lock_wait: Duration,
+    deadline: Instant,
     jobs: Vec<Job>,
 ) -> Result<Vec<Result<(Order, Placement), Error>>, Error> {
+    // Past the deadline the BEGIN is abandoned; if SQLite still takes the
+    // lock afterwards, sqlx rolls that unacknowledged BEGIN back.
     let begin = sqlx::Connection::begin_with(conn, "begin immediate");
-    let mut tx = match tokio::time::timeout(lock_wait, begin).await {
+    let mut tx = match tokio::time::timeout_at(deadline, begin).await {
         Ok(tx) => tx.map_err(db("beginning the order transaction"))?,
         Err(elapsed) => {
             return Err(Error::Unavailable {
@@ -212,16 +220,18 @@ fn same_failure(error: &Error) -> Error {
 /// The group-commit writer: takes the first waiting PlaceOrder, then every
 /// other one already waiting (up to `max_batch`), without waiting for more,
 /// and runs them as one batch. Ends when the store is dropped.
-async fn batch_writer(
-    writer: SqlitePool,
-    lock_wait: Duration,
-    max_batch: usize,
-    mut queue: mpsc::Receiver<Queued>,
-) {
+async fn batch_writer(writer: SqlitePool, max_batch: usize, mut queue: mpsc::Receiver<Queued>) {
     let mut waiting = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut waiting, max_batch).await > 0 {
+        // A caller that stopped waiting while queued was told UNAVAILABLE:
+        // do not place its order now.
+        let now = Instant::now();
+        waiting.retain(|(job, reply)| job.deadline > now && !reply.is_closed());
         let (jobs, replies): (Vec<_>, Vec<_>) = waiting.drain(..).unzip();
-        let results = run_batch(&writer, lock_wait, jobs).await;
+        if jobs.is_empty() {
+            continue;
+        }
+        let results = run_batch(&writer, jobs).await;
         for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have given up (deadline): its order still stands.
             let _ = reply.send(result);
@@ -269,7 +279,7 @@ impl SqliteStore {
             .await?;
         let batcher = (options.sqlite_max_batch > 1).then(|| {
             let (queue, jobs) = mpsc::channel(options.sqlite_max_batch * 4);
-            tokio::spawn(batch_writer(writer.clone(), options.lock_timeout, options.sqlite_max_batch, jobs));
+            tokio::spawn(batch_writer(writer.clone(), options.sqlite_max_batch, jobs));
             queue
         });
         Ok(Self { writer, reader, batcher })
@@ -290,7 +300,8 @@ impl SqliteStore {
             return Ok(replayed);
         }
         drop(reader);
-        let job = Job { account: account.clone(), new, now, ttl };
+        let deadline = Instant::now() + lock_wait;
+        let job = Job { account: account.clone(), new, now, ttl, deadline };
         match &self.batcher {
             Some(batcher) => {
                 let (reply, answer) = oneshot::channel();
@@ -298,7 +309,7 @@ impl SqliteStore {
                     batcher.send((job, reply)).await.map_err(|_| closed())?;
                     answer.await.map_err(|_| closed())?
                 };
-                match tokio::time::timeout(lock_wait, waiting).await {
+                match tokio::time::timeout_at(deadline, waiting).await {
                     Ok(result) => result,
                     Err(elapsed) => Err(Error::Unavailable {
                         context: "waiting for the database writer",
@@ -307,7 +318,7 @@ impl SqliteStore {
                 }
             }
             None => {
-                let mut results = run_batch(&self.writer, lock_wait, vec![job]).await;
+                let mut results = run_batch(&self.writer, vec![job]).await;
                 results.pop().unwrap_or_else(|| Err(closed()))
             }
         }
