@@ -19,4 +19,5 @@ mod properties;
 mod races;
 mod security;
 mod shutdown;
+mod soak;
 mod validation;
