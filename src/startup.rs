@@ -62,7 +62,8 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
         return Ok(None);
     };
     let identity = Identity::from_pem(read_pem("--tls-cert", cert)?, read_pem("--tls-key", key)?);
-    let mut tls = ServerTlsConfig::new().identity(identity);
+    // A TLS handshake that stalls after its first bytes is cut off too.
+    let mut tls = ServerTlsConfig::new().identity(identity).timeout(config.handshake_timeout);
     if let Some(ca) = &config.tls_client_ca {
         // Optional at the handshake, so health and reflection stay callable
         // without a certificate; the order RPCs require one (or a token).

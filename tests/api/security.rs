@@ -377,3 +377,38 @@ async fn hash_token_prints_a_token_and_its_line() {
     use sha2::Digest;
     assert_eq!(line, format!("checkout {}", hex::encode(sha2::Sha256::digest(token.as_bytes()))));
 }
+
+/// A TLS handshake that starts (more than the 33 bytes the plain-text
+/// deadline asks for) and then stalls is cut off by the TLS handshake
+/// timeout; a real TLS caller is served meanwhile.
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let app = spawn_app_with(Engine::Sqlite, |c| {
+        c.tls_cert = Some(pki.path("server.pem"));
+        c.tls_key = Some(pki.path("server.key"));
+        c.handshake_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let mut stalled = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // A TLS record header announcing a 512-byte ClientHello, and 64 bytes of it.
+    let mut hello = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+    hello.resize(64, 0);
+    stalled.write_all(&hello).await.unwrap();
+
+    let mut client = pki.client(app.addr, None).await.unwrap();
+    client.get_order(GetOrderRequest { lookup: Some(Lookup::ClientRequestId(new_key())) }).await.unwrap_err();
+
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the stalled handshake was not closed");
+}
