@@ -267,7 +267,7 @@ impl PlaceTx for sqlx::PgConnection {
     /// order costs one round trip (and, outside a transaction, is its own
     /// atomic transaction).
     async fn insert_key_and_order(&mut self, key: &KeyRecord<'_>, order: &Order) -> Result<bool, Error> {
-        let result = sqlx::query(
+        let query = sqlx::query(
             r"with key as (
                   insert into idempotency_keys
                       (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
@@ -283,22 +283,11 @@ impl PlaceTx for sqlx::PgConnection {
         .bind(&key.fingerprint.0[..])
         .bind(key.order_id.uuid())
         .bind(to_datetime(key.create_time))
-        .bind(to_datetime(key.expire_time))
-        .bind(order.order_id.uuid())
-        .bind(order.account_id.as_str())
-        .bind(order.client_request_id.uuid())
-        .bind(order.symbol.as_str())
-        .bind(order.side.as_str())
-        .bind(order.order_type.as_str())
-        .bind(order.quantity.value())
-        .bind(order.limit_price.map(|p| p.value()))
-        .bind(order.time_in_force.as_str())
-        .bind(order.status.as_str())
-        .bind(to_datetime(order.create_time))
-        .bind(to_datetime(order.update_time))
-        .execute(&mut *self)
-        .await
-        .map_err(db_key("inserting the idempotency key and the order"))?;
+        .bind(to_datetime(key.expire_time));
+        let result = bind_order(query, order)
+            .execute(&mut *self)
+            .await
+            .map_err(db_key("inserting the idempotency key and the order"))?;
         Ok(result.rows_affected() == 1)
     }
 
@@ -349,11 +338,22 @@ impl PlaceTx for sqlx::PgConnection {
     }
 
     async fn insert_order(&mut self, order: &Order) -> Result<(), Error> {
-        sqlx::query(
+        let query = sqlx::query(
             r"insert into orders (order_id, account_id, client_request_id, symbol, side, order_type,
                   quantity, limit_price, time_in_force, status, create_time, update_time)
               values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
+        );
+        bind_order(query, order).execute(&mut *self).await.map_err(db("inserting the order"))?;
+        Ok(())
+    }
+}
+
+/// Binds an order's twelve columns, in the column order of `insert into orders`.
+fn bind_order<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    order: &'q Order,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
         .bind(order.order_id.uuid())
         .bind(order.account_id.as_str())
         .bind(order.client_request_id.uuid())
@@ -366,11 +366,6 @@ impl PlaceTx for sqlx::PgConnection {
         .bind(order.status.as_str())
         .bind(to_datetime(order.create_time))
         .bind(to_datetime(order.update_time))
-        .execute(&mut *self)
-        .await
-        .map_err(db("inserting the order"))?;
-        Ok(())
-    }
 }
 
 /// Whether retrying later can succeed: the connection or server is gone,

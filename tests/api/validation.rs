@@ -107,6 +107,7 @@ async fn a_huge_field_is_refused_without_echoing_it_whole(engine: Engine) {
     let status = app.client.place_order(req).await.expect_err("refused");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().len() < 1_000, "message is {} bytes", status.message().len());
+    assert!(status.details().len() < 2_000, "details carry {} bytes", status.details().len());
 }
 
 engine_tests!(
