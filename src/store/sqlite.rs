@@ -265,8 +265,12 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))??;
+        // No ping before each use: a connection to a local file cannot go
+        // stale, and the ping is a round trip to the connection's worker
+        // thread on every call (a writer that failed is replaced instead).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.clone().create_if_missing(true))
             .await?;
@@ -274,6 +278,7 @@ impl SqliteStore {
         drop(startup_lock);
         let reader = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
+            .test_before_acquire(false)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.read_only(true))
             .await?;
