@@ -37,6 +37,10 @@ macro_rules! order_columns {
     };
 }
 
+/// How long a pooled connection may sit idle before it is pinged on its way
+/// out of the pool.
+const STALE_AFTER: Duration = Duration::from_secs(1);
+
 /// Orders and idempotency keys in a Postgres database.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -67,6 +71,19 @@ impl PgStore {
             .options([("lock_timeout", millis_setting(options.lock_timeout))]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
+            // sqlx pings every connection before handing it out: a round
+            // trip per call. Ping only one that sat idle long enough to have
+            // gone stale (the server restarted); sqlx also pings each
+            // connection as it comes back, closing broken ones then.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= STALE_AFTER {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
