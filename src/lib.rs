@@ -14,10 +14,11 @@
 //! - [`metrics`]: Prometheus counters and gauges and `GET /metrics`.
 //! - [`startup`]: [`startup::Application`]: connect, migrate, bind; then run
 //!   until a shutdown signal and drain.
+//! - [`net`]: accepted connections must start their handshake in time.
 //! - [`proto`]: generated protobuf and gRPC code, and the descriptor set.
 //! - [`api`]: the gRPC layer: request to domain to store to response.
 //! - [`domain`]: validated types (keys, symbols, decimals, orders); no I/O.
-//! - [`store`]: the [`store::Store`] over SQLite; all SQL lives there.
+//! - [`store`]: the [`store::Store`] over SQLite or Postgres; all SQL lives there.
 //! - [`error`]: the one [`error::Error`] and its mapping to `tonic::Status`.
 //! - [`purge`]: the background purge of expired idempotency keys.
 //! - [`clock`]: where the time comes from (tests move it by hand).
