@@ -11,7 +11,7 @@ pub mod page_token;
 
 pub use auth::{Authenticator, new_token};
 pub use convert::{ListQuery, Lookup};
-pub use malformed::MalformedRequestsLayer;
+pub use malformed::{MalformedRequests, MalformedRequestsLayer};
 
 use std::{
     sync::Arc,
