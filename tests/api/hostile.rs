@@ -179,6 +179,14 @@ async fn a_flood_of_abandoned_connections_is_closed_and_good_callers_are_served(
     }
     place(&mut client, 50).await;
 
+    // The server may still be reading the last dropped connections' EOFs:
+    // wait (bounded) for its descriptors to come back down.
+    let settled = async {
+        while open_fds(pid) > fds_before + 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), settled).await;
     let (rss_after, fds_after) = (proc_status_kb(pid, "VmRSS:"), open_fds(pid));
     println!(
         "connection flood: RSS {rss_before} kB before, {rss_after} kB after; \
