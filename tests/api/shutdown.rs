@@ -118,3 +118,28 @@ async fn an_unopenable_database_exits_non_zero_with_one_clear_line() {
 }
 
 engine_tests!(sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_exits_zero);
+
+/// A second signal while draining exits at once (code 1) instead of waiting
+/// out the shutdown delay.
+#[tokio::test]
+async fn a_second_signal_while_draining_exits_at_once() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let mut server =
+        ServerProcess::start(&["--database-url", &database.url, "--shutdown-delay", "300s"]).await;
+    server.signal("TERM");
+    server.log("draining").await;
+    // The second-signal listener starts just after the first signal is
+    // handled; a TERM sent before it would be missed, so send another until
+    // the process exits (bounded), all well within the 300 s delay.
+    let mut status = None;
+    for _ in 0..20 {
+        server.signal("TERM");
+        if let Ok(exited) = tokio::time::timeout(Duration::from_millis(500), server.child.wait()).await {
+            status = Some(exited.unwrap());
+            break;
+        }
+    }
+    let status = status.expect("the second signal ended the process");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    assert!(server.lines().iter().any(|l| l.contains("second signal")), "it said why");
+}
