@@ -51,7 +51,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
+        // A cheap clone (shared bytes), read only if the answer is rewritten.
+        let uri = request.uri().clone();
         let response = self.0.call(request);
         Box::pin(async move {
             let mut response = response.await?;
@@ -62,7 +63,11 @@ where
                 .is_some_and(|m| DECODE_FAILURE.iter().any(|d| m.as_bytes().starts_with(d)));
             if internal && undecodable {
                 headers.insert("grpc-status", http::HeaderValue::from(Code::InvalidArgument as i32));
-                tracing::info!(rpc = %path, code = "InvalidArgument", "refused a message that does not decode");
+                tracing::info!(
+                    rpc = uri.path(),
+                    code = "InvalidArgument",
+                    "refused a message that does not decode"
+                );
             }
             Ok(response)
         })

@@ -28,7 +28,7 @@ pub(super) struct KeyRecord<'a> {
 
 impl<'a> KeyRecord<'a> {
     /// The key row of `new`, naming a freshly generated order id.
-    pub fn new(account: &'a AccountId, new: &NewOrder, now: Timestamp, ttl: Duration) -> Self {
+    fn new(account: &'a AccountId, new: &NewOrder, now: Timestamp, ttl: Duration) -> Self {
         KeyRecord {
             account_id: account,
             client_request_id: new.client_request_id,
@@ -108,6 +108,25 @@ pub(super) async fn place(
         // Another call replaced the expired key first: read it again.
     }
     Err(Error::internal("placing an order", "the idempotency key changed on every attempt"))
+}
+
+/// The steps of [`place`] that need no transaction around them: a new key
+/// creates its order (one statement of `insert_key_and_order`, atomic on its
+/// own where the engine makes it one), a live key is answered by [`replay`].
+/// `None` when the key has expired: that takes [`place`] in a transaction.
+pub(super) async fn place_new_or_live(
+    conn: &mut impl PlaceTx,
+    account: &AccountId,
+    new: &NewOrder,
+    now: Timestamp,
+    ttl: Duration,
+) -> Result<Option<(Order, Placement)>, Error> {
+    let record = KeyRecord::new(account, new, now, ttl);
+    let order = new.clone().into_order(account.clone(), record.order_id, now);
+    if conn.insert_key_and_order(&record, &order).await? {
+        return Ok(Some((order, Placement::Created)));
+    }
+    replay(conn, account, new, now).await
 }
 
 /// Answers from the key alone when it is live: the persisted order if the

@@ -57,9 +57,14 @@ fn from_datetime(t: DateTime<Utc>) -> Timestamp {
     Timestamp::from_micros(t.timestamp_micros())
 }
 
-/// A duration as a Postgres setting in milliseconds (at least 1: 0 disables).
+/// A duration in whole milliseconds, at least 1 (0 would disable a timeout).
+fn millis(d: Duration) -> u128 {
+    d.as_millis().max(1)
+}
+
+/// A duration as a Postgres setting in milliseconds.
 fn millis_setting(d: Duration) -> String {
-    format!("{}ms", d.as_millis().max(1))
+    format!("{}ms", millis(d))
 }
 
 impl PgStore {
@@ -102,18 +107,13 @@ impl PgStore {
         let mut conn = self.pool.acquire().await.map_err(db("acquiring a database connection"))?;
         // Connections start with the configured lock timeout; only a caller
         // deadline shorter than it needs a transaction to shorten it in.
-        let shortened = millis_setting(lock_wait) != millis_setting(self.lock_timeout);
+        let shortened = millis(lock_wait) != millis(self.lock_timeout);
         if !shortened {
             // The common cases without a transaction: a new key is one
             // statement (key and order, atomic on its own), a live key one
             // read. Only an expired key takes the full transaction below.
-            let record = place::KeyRecord::new(account, &new, now, ttl);
-            let order = new.clone().into_order(account.clone(), record.order_id, now);
-            if conn.insert_key_and_order(&record, &order).await? {
-                return Ok((order, Placement::Created));
-            }
-            if let Some(replayed) = place::replay(&mut *conn, account, &new, now).await? {
-                return Ok(replayed);
+            if let Some(placed) = place::place_new_or_live(&mut *conn, account, &new, now, ttl).await? {
+                return Ok(placed);
             }
         }
         let mut tx =

@@ -223,11 +223,23 @@ fn same_failure(error: &Error) -> Error {
 async fn batch_writer(writer: SqlitePool, max_batch: usize, mut queue: mpsc::Receiver<Queued>) {
     let mut waiting = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut waiting, max_batch).await > 0 {
-        // A caller that stopped waiting while queued was told UNAVAILABLE:
-        // do not place its order now.
+        // A caller that gave up while queued, or whose deadline passed
+        // there, is told UNAVAILABLE (if it still listens); its order is not
+        // placed now.
         let now = Instant::now();
-        waiting.retain(|(job, reply)| job.deadline > now && !reply.is_closed());
-        let (jobs, replies): (Vec<_>, Vec<_>) = waiting.drain(..).unzip();
+        let (jobs, replies): (Vec<_>, Vec<_>) = waiting
+            .drain(..)
+            .filter_map(|(job, reply)| {
+                if job.deadline > now && !reply.is_closed() {
+                    return Some((job, reply));
+                }
+                let _ = reply.send(Err(Error::Unavailable {
+                    context: "waiting for the database writer",
+                    source: "the deadline passed in the queue".into(),
+                }));
+                None
+            })
+            .unzip();
         if jobs.is_empty() {
             continue;
         }

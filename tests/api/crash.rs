@@ -18,19 +18,13 @@ use order_service::{
 use tokio::sync::Notify;
 
 use crate::{
-    helpers::{Db, Engine, TestDatabase, engine_tests, limit_order, new_key},
+    helpers::{Db, Engine, TestDatabase, engine_tests, limit_order, new_key, random_below},
     process::ServerProcess,
 };
 
 const CALLERS: usize = 8;
 const ORDERS_PER_CALLER: usize = 500;
 const KILLS: usize = 10;
-
-/// A uniformly random number in `range`, from the OS's random source.
-fn random_in(range: std::ops::Range<usize>) -> usize {
-    let bytes = uuid::Uuid::new_v4().into_bytes();
-    range.start + (u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize) % range.len()
-}
 
 /// The request caller `caller` sends as its `n`th order: fields unique to the
 /// key, so a mixed-up reply or row would show.
@@ -104,7 +98,8 @@ async fn killed_servers_lose_no_acknowledged_order_and_duplicate_none(engine: En
             let mut kills = 0;
             let total = CALLERS * ORDERS_PER_CALLER;
             while kills < KILLS && !done.load(Ordering::SeqCst) {
-                let target = acknowledged.load(Ordering::SeqCst) + random_in(100..total / (KILLS + 1));
+                let target =
+                    acknowledged.load(Ordering::SeqCst) + 100 + random_below(total / (KILLS + 1) - 100);
                 while acknowledged.load(Ordering::SeqCst) < target.min(total - 1) {
                     if done.load(Ordering::SeqCst) {
                         return (server, kills);

@@ -324,3 +324,24 @@ impl Drop for Cluster {
             .output();
     }
 }
+
+/// A uniformly random number below `n`, from the OS's random source.
+pub fn random_below(n: usize) -> usize {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    (u64::from_le_bytes(bytes[..8].try_into().unwrap()) % n as u64) as usize
+}
+
+/// Whether the server closes `stream` (reading until it does) within 15 s.
+pub async fn closed_by_server(mut stream: tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    let read_to_end = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the server's own preface, alerts or GOAWAY
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(15), read_to_end).await.is_ok()
+}

@@ -10,10 +10,7 @@ use order_service::{
     proto::PlaceOrderRequest,
 };
 use prost::bytes::{Buf, BufMut};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tonic::{
     Code, Request, Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -22,7 +19,9 @@ use tonic::{
 use tonic_types::StatusExt;
 
 use crate::{
-    helpers::{Engine, TestDatabase, channel, engine_tests, limit_order, new_key, spawn_app},
+    helpers::{
+        Engine, TestDatabase, channel, closed_by_server, engine_tests, limit_order, new_key, spawn_app,
+    },
     process::ServerProcess,
 };
 
@@ -113,37 +112,10 @@ async fn malformed_messages_and_unknown_enums_get_clear_errors_and_write_nothing
 
 engine_tests!(malformed_messages_and_unknown_enums_get_clear_errors_and_write_nothing);
 
-/// A field of `/proc/PID/status`, in kB.
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// How many file descriptors the process has open.
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
-/// Waits (at most 15 s) for the server to close `stream`.
-async fn closed_by_server(mut stream: TcpStream) -> bool {
-    let mut buf = [0u8; 256];
-    let read_to_end = async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {} // the server's own preface or GOAWAY
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(15), read_to_end).await.is_ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_abandoned_connections_is_closed_and_good_callers_are_served() {
     let database = TestDatabase::new(Engine::Sqlite).await;
     let server = ServerProcess::start(&["--database-url", &database.url, "--handshake-timeout", "1s"]).await;
-    let pid = server.child.id().unwrap();
     let mut client = OrderClient::new(ClientConfig::new(format!("http://{}", server.addr))).unwrap();
     let place = async |client: &mut OrderClient, n: usize| {
         for _ in 0..n {
@@ -153,7 +125,7 @@ async fn a_flood_of_abandoned_connections_is_closed_and_good_callers_are_served(
         }
     };
     place(&mut client, 50).await;
-    let (rss_before, fds_before) = (proc_status_kb(pid, "VmRSS:"), open_fds(pid));
+    let (rss_before, fds_before) = (server.rss_kb(), server.open_fds());
 
     // Connections that say nothing, start a handshake and stall, or send
     // garbage; all left open by the client.
@@ -169,8 +141,12 @@ async fn a_flood_of_abandoned_connections_is_closed_and_good_callers_are_served(
     }
     // Meanwhile, calls are served as before.
     place(&mut client, 50).await;
-    let during = open_fds(pid);
-    let closed = futures_closed(flood).await;
+    let during = server.open_fds();
+    let waits: Vec<_> = flood.into_iter().map(|s| tokio::spawn(closed_by_server(s))).collect();
+    let mut closed = 0;
+    for wait in waits {
+        closed += usize::from(wait.await.unwrap());
+    }
     assert_eq!(closed, 300, "every abandoned connection is closed by the server");
 
     // Connections opened and dropped at once.
@@ -182,26 +158,16 @@ async fn a_flood_of_abandoned_connections_is_closed_and_good_callers_are_served(
     // The server may still be reading the last dropped connections' EOFs:
     // wait (bounded) for its descriptors to come back down.
     let settled = async {
-        while open_fds(pid) > fds_before + 5 {
+        while server.open_fds() > fds_before + 5 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), settled).await;
-    let (rss_after, fds_after) = (proc_status_kb(pid, "VmRSS:"), open_fds(pid));
+    let (rss_after, fds_after) = (server.rss_kb(), server.open_fds());
     println!(
         "connection flood: RSS {rss_before} kB before, {rss_after} kB after; \
          open fds {fds_before} before, {during} during, {fds_after} after"
     );
     assert!(fds_after <= fds_before + 5, "connections left open: {fds_before} fds before, {fds_after} after");
     assert!(rss_after < rss_before + 32 * 1024, "RSS grew from {rss_before} kB to {rss_after} kB");
-}
-
-/// Waits for the server to close every stream; how many it closed.
-async fn futures_closed(streams: Vec<TcpStream>) -> usize {
-    let waits: Vec<_> = streams.into_iter().map(|s| tokio::spawn(closed_by_server(s))).collect();
-    let mut closed = 0;
-    for wait in waits {
-        closed += usize::from(wait.await.unwrap());
-    }
-    closed
 }

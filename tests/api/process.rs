@@ -101,6 +101,20 @@ impl ServerProcess {
         self.child.kill().await.expect("SIGKILL the server");
     }
 
+    /// The process's resident memory, in kB.
+    pub fn rss_kb(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// How many file descriptors the process has open.
+    pub fn open_fds(&self) -> usize {
+        let pid = self.child.id().expect("running");
+        std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    }
+
     /// Sends the process a signal (`TERM`, `HUP`, …).
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();

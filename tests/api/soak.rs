@@ -16,7 +16,7 @@ use order_service::proto::{
 use tonic::Request;
 
 use crate::{
-    helpers::{Engine, TestDatabase, channel, engine_tests, limit_order, new_key},
+    helpers::{Engine, TestDatabase, channel, engine_tests, limit_order, new_key, random_below},
     process::ServerProcess,
 };
 
@@ -25,17 +25,6 @@ const CALLERS: usize = 8;
 fn soak_duration() -> Duration {
     let secs = std::env::var("ORDERS_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     Duration::from_secs(secs)
-}
-
-/// A random number below `n`.
-fn below(n: usize) -> usize {
-    (u64::from_le_bytes(uuid::Uuid::new_v4().into_bytes()[..8].try_into().unwrap()) % n as u64) as usize
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// `message` with a deadline.
@@ -61,19 +50,26 @@ async fn one_call(
             return None;
         }
         let window = if recent { placed.len().min(20) } else { placed.len() };
-        Some(placed[placed.len() - 1 - below(window)].clone())
+        Some(placed[placed.len() - 1 - random_below(window)].clone())
     };
-    let roll = below(100);
-    let (op, target) = match roll {
-        0..50 => ("new", None),
-        50..60 => ("duplicate", pick(placed, true)),
-        60..70 => ("replay", pick(placed, false)),
-        70..80 => ("get", pick(placed, false)),
-        80..90 => ("list", None),
-        _ => ("cancel", pick(placed, true)),
+    let op = match random_below(100) {
+        0..50 => "new",
+        50..60 => "duplicate",
+        60..70 => "replay",
+        70..80 => "get",
+        80..90 => "list",
+        _ => "cancel",
     };
+    let target = match op {
+        "duplicate" | "cancel" => pick(placed, true),
+        "replay" | "get" => pick(placed, false),
+        _ => None,
+    };
+    // Nothing placed yet to act on: place something.
+    let op = if target.is_none() && op != "list" { "new" } else { op };
     let outcome = match (op, target) {
-        ("new", _) | (_, None) if op != "list" => {
+        ("list", _) => list_two_pages(client).await,
+        (_, None) => {
             let request = limit_order(&new_key());
             match client.place_order(deadline(request.clone())).await {
                 Ok(resp) => {
@@ -98,7 +94,7 @@ async fn one_call(
             }
         }
         ("get", Some((request, order_id))) => {
-            let lookup = if below(2) == 0 {
+            let lookup = if random_below(2) == 0 {
                 Lookup::OrderId(order_id.clone())
             } else {
                 Lookup::ClientRequestId(request.client_request_id)
@@ -109,7 +105,7 @@ async fn one_call(
                 Err(status) => Err(format!("{:?}", status.code())),
             }
         }
-        ("cancel", Some((_, order_id))) => {
+        (_, Some((_, order_id))) => {
             let cancel = CancelOrderRequest { order_id };
             match client.cancel_order(deadline(cancel)).await {
                 Ok(order) if order.get_ref().status == OrderStatus::Canceled as i32 => Ok(()),
@@ -117,34 +113,25 @@ async fn one_call(
                 Err(status) => Err(format!("{:?}", status.code())),
             }
         }
-        _ => {
-            let list = ListOrdersRequest { page_size: 20, ..Default::default() };
-            match client.list_orders(deadline(list)).await {
-                Ok(page) => {
-                    let token = page.into_inner().next_page_token;
-                    if token.is_empty() {
-                        Ok(())
-                    } else {
-                        let next =
-                            ListOrdersRequest { page_size: 20, page_token: token, ..Default::default() };
-                        client
-                            .list_orders(deadline(next))
-                            .await
-                            .map(|_| ())
-                            .map_err(|status| format!("{:?}", status.code()))
-                    }
-                }
-                Err(status) => Err(format!("{:?}", status.code())),
-            }
-        }
     };
     (op, outcome)
+}
+
+/// Lists the first page of orders and, if there is one, the next.
+async fn list_two_pages(client: &mut OrderServiceClient<tonic::transport::Channel>) -> Result<(), String> {
+    let code = |status: tonic::Status| format!("{:?}", status.code());
+    let first = ListOrdersRequest { page_size: 20, ..Default::default() };
+    let token = client.list_orders(deadline(first)).await.map_err(code)?.into_inner().next_page_token;
+    if !token.is_empty() {
+        let next = ListOrdersRequest { page_size: 20, page_token: token, ..Default::default() };
+        client.list_orders(deadline(next)).await.map_err(code)?;
+    }
+    Ok(())
 }
 
 async fn a_mixed_load_gets_only_expected_answers_and_memory_stays_flat(engine: Engine) {
     let database = TestDatabase::new(engine).await;
     let server = ServerProcess::start(&["--database-url", &database.url]).await;
-    let pid = server.child.id().unwrap();
     let channel = channel(server.addr).await;
     let placed: Placed = Arc::default();
     let tally: Tally = Arc::default();
@@ -152,16 +139,17 @@ async fn a_mixed_load_gets_only_expected_answers_and_memory_stays_flat(engine: E
     let started = Instant::now();
     // Memory once warmed up (a fifth of the way), taken by the first caller
     // past that point, and at the end.
+    let server = Arc::new(server);
     let rss_warm = Arc::new(std::sync::OnceLock::new());
     let callers: Vec<_> = (0..CALLERS)
         .map(|_| {
             let (mut client, placed, tally) =
                 (OrderServiceClient::new(channel.clone()), placed.clone(), tally.clone());
-            let rss_warm = rss_warm.clone();
+            let (rss_warm, server) = (rss_warm.clone(), server.clone());
             tokio::spawn(async move {
                 while started.elapsed() < duration {
                     if started.elapsed() >= duration / 5 {
-                        rss_warm.get_or_init(|| rss_kb(pid));
+                        rss_warm.get_or_init(|| server.rss_kb());
                     }
                     let (op, outcome) = one_call(&mut client, &placed).await;
                     let outcome = outcome.err().unwrap_or_else(|| "OK".to_owned());
@@ -173,7 +161,7 @@ async fn a_mixed_load_gets_only_expected_answers_and_memory_stays_flat(engine: E
     for caller in callers {
         caller.await.unwrap();
     }
-    let rss_end = rss_kb(pid);
+    let rss_end = server.rss_kb();
     let rss_warm = *rss_warm.get().expect("sampled a fifth of the way");
     let tally = tally.lock().unwrap().clone();
     let calls: u64 = tally.values().sum();
