@@ -87,9 +87,11 @@ impl OrderApi {
         Self { store, clock, auth, settings, in_flight }
     }
 
-    /// Who is calling, and a place among the calls in flight.
+    /// Who is calling (recorded on the call's span), and a place among the
+    /// calls in flight.
     fn admit<T>(&self, request: &Request<T>) -> Result<(AccountId, OwnedSemaphorePermit), Error> {
         let account = self.auth.authenticate(request)?;
+        Span::current().record("account_id", account.as_str());
         let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| Error::Overloaded)?;
         Ok((account, permit))
     }
@@ -189,7 +191,6 @@ impl OrderService for OrderApi {
         let lock_wait = self.lock_wait(&request);
         let result = async {
             let (account, _permit) = self.admit(&request)?;
-            span.record("account_id", account.as_str());
             let request = request.into_inner();
             let raw_key = loggable(&request.client_request_id).to_owned();
             let new = NewOrder::try_from(request).inspect_err(|_| {
@@ -230,7 +231,6 @@ impl OrderService for OrderApi {
         let span = Span::current();
         let result = async {
             let (account, _permit) = self.admit(&request)?;
-            span.record("account_id", account.as_str());
             let order: Order = match Lookup::try_from(request.into_inner())? {
                 Lookup::OrderId(id) => {
                     span.record("order_id", field::display(id));
@@ -262,7 +262,6 @@ impl OrderService for OrderApi {
         let span = Span::current();
         let result = async {
             let (account, _permit) = self.admit(&request)?;
-            span.record("account_id", account.as_str());
             let query = ListQuery::try_from(request.into_inner())?;
             let after = match query.page_token.as_str() {
                 "" => None,
@@ -303,7 +302,6 @@ impl OrderService for OrderApi {
         let span = Span::current();
         let result = async {
             let (account, _permit) = self.admit(&request)?;
-            span.record("account_id", account.as_str());
             let id = OrderId::try_from(request.into_inner())?;
             span.record("order_id", field::display(id));
             self.store.cancel_order(&account, id, self.clock.now()).await
