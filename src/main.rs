@@ -1,5 +1,5 @@
-//! The order-service server: parse config, start logging, build, serve until
-//! SIGINT or SIGTERM.
+//! The order-service server: parse config, start logging, catch SIGINT and
+//! SIGTERM, build, serve until one arrives.
 
 use std::process::ExitCode;
 
@@ -39,12 +39,21 @@ async fn main() -> ExitCode {
     }
     telemetry::init(config.log_format);
     let result = async {
-        let app = startup::Application::build(config).await?;
-        app.run(async {
-            startup::shutdown_signal().await;
+        // Caught from here on: a signal during start-up stops the process
+        // cleanly instead of killing it, and a second one is never missed.
+        let mut signals = startup::ShutdownSignals::install()?;
+        let app = tokio::select! {
+            app = startup::Application::build(config) => app?,
+            () = signals.recv() => {
+                tracing::info!("stopped before serving");
+                return Ok(());
+            }
+        };
+        app.run(async move {
+            signals.recv().await;
             // A second signal while draining means "now".
-            tokio::spawn(async {
-                startup::shutdown_signal().await;
+            tokio::spawn(async move {
+                signals.recv().await;
                 tracing::warn!("second signal: exiting at once");
                 std::process::exit(1);
             });

@@ -48,6 +48,10 @@ pub struct Application {
     clock: Arc<dyn Clock>,
     auth: Arc<Authenticator>,
     tls: Option<ServerTlsConfig>,
+    /// SIGHUP, caught from `build` on so that one sent early reloads the
+    /// tokens instead of killing the process (its default action).
+    #[cfg(unix)]
+    hangups: Option<tokio::signal::unix::Signal>,
     config: Config,
 }
 
@@ -83,6 +87,14 @@ impl Application {
     /// As [`build`](Self::build), reading time from `clock` (tests move it).
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
+        #[cfg(unix)]
+        let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangups) => Some(hangups),
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP; auth tokens will not reload");
+                None
+            }
+        };
         let auth =
             Arc::new(Authenticator::new(config.auth_tokens_file.as_deref(), config.tls_client_ca.is_some())?);
         let tls = tls_config(&config)?;
@@ -138,6 +150,8 @@ impl Application {
             clock,
             auth,
             tls,
+            #[cfg(unix)]
+            hangups,
             config,
         })
     }
@@ -174,6 +188,8 @@ impl Application {
             clock,
             auth,
             tls,
+            #[cfg(unix)]
+            hangups,
             config,
         } = self;
         let addr = listener.local_addr().context("reading the bound address")?;
@@ -218,7 +234,12 @@ impl Application {
                 config.purge_batch_size,
                 background_rx.clone(),
             )),
-            tokio::spawn(reload_on_sighup(auth, background_rx.clone())),
+            tokio::spawn(reload_on_sighup(
+                #[cfg(unix)]
+                hangups,
+                auth,
+                background_rx.clone(),
+            )),
             tokio::spawn(follow_database(
                 store.clone(),
                 health.clone(),
@@ -373,17 +394,14 @@ async fn follow_database(
 
 /// Reloads the auth tokens file on every SIGHUP until `stop` changes; a bad
 /// file is logged and the tokens in force stay.
-async fn reload_on_sighup(auth: Arc<Authenticator>, mut stop: watch::Receiver<bool>) {
+async fn reload_on_sighup(
+    #[cfg(unix)] hangups: Option<tokio::signal::unix::Signal>,
+    auth: Arc<Authenticator>,
+    mut stop: watch::Receiver<bool>,
+) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; auth tokens will not reload");
-                return;
-            }
-        };
+        let Some(mut hangups) = hangups else { return };
         loop {
             tokio::select! {
                 _ = hangups.recv() => {}
@@ -399,30 +417,44 @@ async fn reload_on_sighup(auth: Arc<Authenticator>, mut stop: watch::Receiver<bo
     let _ = (auth, stop.changed().await);
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+/// SIGINT and SIGTERM, caught from the moment this is made: one that
+/// arrives before anybody awaits [`recv`](Self::recv) (during start-up, or
+/// between the first and second signal) is remembered, never left to the
+/// default action, which would kill the process without draining.
+#[derive(Debug)]
+pub struct ShutdownSignals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Starts catching the signals (call it inside the runtime, early).
+    pub fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("received SIGINT"),
-        () = terminate => tracing::info!("received SIGTERM"),
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM (or one already caught).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => tracing::info!("received SIGINT"),
+            _ = self.terminate.recv() => tracing::info!("received SIGTERM"),
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("received Ctrl-C");
+        }
     }
 }

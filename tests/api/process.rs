@@ -117,9 +117,13 @@ impl ServerProcess {
 
     /// Sends the process a signal (`TERM`, `HUP`, …).
     pub fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let ok =
-            std::process::Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap().success();
-        assert!(ok, "kill -{name} {pid}");
+        send_signal(&self.child, name);
     }
+}
+
+/// Sends the signal `name` (`TERM`, `HUP`, …) to a running `child`.
+pub fn send_signal(child: &Child, name: &str) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap().success();
+    assert!(ok, "kill -{name} {pid}");
 }
