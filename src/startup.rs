@@ -39,7 +39,6 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// A connected, migrated, bound server, ready to [`run`](Self::run).
 #[derive(Debug)]
 pub struct Application {
-    #[cfg(debug_assertions)]
     faults: Arc<crate::api::FaultInjector>,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
@@ -141,7 +140,6 @@ impl Application {
             None => None,
         };
         Ok(Self {
-            #[cfg(debug_assertions)]
             faults: Arc::default(),
             listener,
             metrics_listener,
@@ -163,8 +161,7 @@ impl Application {
         self.listener.local_addr().unwrap_or(self.config.listen)
     }
 
-    /// Faults tests can inject (debug builds only).
-    #[cfg(debug_assertions)]
+    /// Faults tests can inject (nothing else reaches them).
     pub fn faults(&self) -> Arc<crate::api::FaultInjector> {
         self.faults.clone()
     }
@@ -179,7 +176,6 @@ impl Application {
     /// closes the database.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Self {
-            #[cfg(debug_assertions)]
             faults,
             listener,
             metrics_listener,
@@ -210,7 +206,6 @@ impl Application {
             idempotency_ttl: config.idempotency_ttl,
             lock_timeout: config.lock_timeout,
             max_concurrent_requests: config.max_concurrent_requests,
-            #[cfg(debug_assertions)]
             faults,
         };
         let api =
