@@ -41,7 +41,7 @@ impl<'a> KeyRecord<'a> {
 }
 
 /// A key row as stored, with the order it names.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct StoredKey {
     pub fingerprint: Vec<u8>,
     pub expire_time: Timestamp,
@@ -126,20 +126,19 @@ pub(super) async fn place_new_or_live(
     if conn.insert_key_and_order(&record, &order).await? {
         return Ok(Some((order, Placement::Created)));
     }
-    replay(conn, account, new, now).await
+    replay(conn.read_key(account, new.client_request_id).await?, new, now)
 }
 
-/// Answers from the key alone when it is live: the persisted order if the
+/// Answers from a stored key read beforehand (on a reader beside the writer,
+/// or outside a transaction) when it is live: the persisted order if the
 /// fingerprint matches, `KeyReused` if not; `None` when the key is new or
-/// expired. Reads only, so it can run on a reader beside the writer, or
-/// outside a transaction.
-pub(super) async fn replay(
-    conn: &mut impl PlaceTx,
-    account: &AccountId,
+/// expired, and the write flow decides.
+pub(super) fn replay(
+    stored: Option<StoredKey>,
     new: &NewOrder,
     now: Timestamp,
 ) -> Result<Option<(Order, Placement)>, Error> {
-    match conn.read_key(account, new.client_request_id).await? {
+    match stored {
         Some(stored) if stored.expire_time > now => {
             answer_live(stored, new).map(|order| Some((order, Placement::Replayed)))
         }

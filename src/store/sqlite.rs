@@ -6,6 +6,11 @@
 //! with `SQLITE_BUSY_SNAPSHOT` once another writer commits); reads use a
 //! separate read-only pool and run beside the writer. Another process holding
 //! the lock past the busy timeout answers `UNAVAILABLE`.
+//!
+//! With group commit on (`sqlite_max_batch` > 1), PlaceOrders queue twice:
+//! the batch reader looks up every waiting key in one query (a live key is
+//! answered from there, without the write lock), and the batch writer
+//! commits every waiting new order in one transaction.
 
 use std::{str::FromStr, time::Duration};
 
@@ -46,10 +51,24 @@ pub struct SqliteStore {
     /// Where PlaceOrders queue for the group-commit writer (none when
     /// `sqlite_max_batch` is 1).
     batcher: Option<mpsc::Sender<Queued>>,
+    /// Where PlaceOrders queue to have their key looked up (none when
+    /// `sqlite_max_batch` is 1).
+    lookups: Option<mpsc::Sender<Lookup>>,
 }
 
 /// A queued PlaceOrder and where its answer goes.
 type Queued = (Job, oneshot::Sender<Result<(Order, Placement), Error>>);
+
+/// A PlaceOrder's key, queued for the batch reader, and where its stored
+/// key (if any) goes.
+type Lookup = (KeyId, oneshot::Sender<Result<Option<StoredKey>, Error>>);
+
+/// An idempotency key as the tables spell it: account, then the key.
+type KeyId = (String, String);
+
+fn key_id(account: &AccountId, key: ClientRequestId) -> KeyId {
+    (account.as_str().to_owned(), key.to_string())
+}
 
 /// One PlaceOrder waiting for the writer.
 #[derive(Debug)]
@@ -144,7 +163,7 @@ async fn write_batch(
 }
 
 /// `error` for the first of `n` jobs, and the same failure for the others.
-fn fail_all(error: Error, n: usize) -> Vec<Result<(Order, Placement), Error>> {
+fn fail_all<T>(error: Error, n: usize) -> Vec<Result<T, Error>> {
     let others: Vec<_> = (1..n).map(|_| Err(same_failure(&error))).collect();
     std::iter::once(Err(error)).chain(others).collect()
 }
@@ -251,6 +270,70 @@ async fn batch_writer(writer: SqlitePool, max_batch: usize, mut queue: mpsc::Rec
     }
 }
 
+/// The batch reader: takes the first waiting key lookup, then every other
+/// one already waiting (up to `max_batch`), and answers them all with one
+/// query: one trip to a reader connection's worker thread (and one release
+/// ping) for the batch instead of one each. Ends when the store is dropped.
+async fn batch_reader(reader: SqlitePool, max_batch: usize, mut queue: mpsc::Receiver<Lookup>) {
+    let mut waiting = Vec::with_capacity(max_batch);
+    while queue.recv_many(&mut waiting, max_batch).await > 0 {
+        let (keys, replies): (Vec<_>, Vec<_>) =
+            waiting.drain(..).filter(|(_, reply)| !reply.is_closed()).unzip();
+        if keys.is_empty() {
+            continue;
+        }
+        let found = match reader.acquire().await {
+            Ok(mut conn) => read_keys(&mut conn, &keys).await,
+            Err(e) => Err(db("reading the idempotency key")(e)),
+        };
+        let results = match found {
+            // A key asked for twice in one batch: each asker gets it.
+            Ok(found) => keys.iter().map(|key| Ok(found.get(key).cloned())).collect(),
+            Err(error) => fail_all(error, keys.len()),
+        };
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// The stored keys (each joined with its order) among `keys`, in one query.
+async fn read_keys(
+    conn: &mut SqliteConnection,
+    keys: &[KeyId],
+) -> Result<std::collections::HashMap<KeyId, StoredKey>, Error> {
+    let mut query = QueryBuilder::<Sqlite>::new(concat!(
+        "select key_account_id, key_client_request_id, key_fingerprint, key_expire_time, ",
+        order_columns!(),
+        r" from (select k.account_id as key_account_id, k.client_request_id as key_client_request_id,
+                        k.fingerprint as key_fingerprint, k.expire_time as key_expire_time,
+                        k.order_id as key_order_id
+                 from ("
+    ));
+    query.push_values(keys, |mut row, (account, key)| {
+        row.push_bind(account.as_str()).push_bind(key.as_str());
+    });
+    query.push(
+        r") as wanted
+                 join idempotency_keys k
+                   on k.account_id = wanted.column1 and k.client_request_id = wanted.column2)
+           join orders on orders.order_id = key_order_id",
+    );
+    let rows: Vec<KeyOrderRow> =
+        query.build_query_as().fetch_all(conn).await.map_err(db("reading the idempotency key"))?;
+    rows.into_iter()
+        .map(|row| {
+            let key = (row.key_account_id, row.key_client_request_id);
+            let stored = StoredKey {
+                fingerprint: row.key_fingerprint,
+                expire_time: Timestamp::from_micros(row.key_expire_time),
+                order: row.order.try_into()?,
+            };
+            Ok((key, stored))
+        })
+        .collect()
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the file named by `url` and migrates it.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, sqlx::Error> {
@@ -294,12 +377,18 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.read_only(true))
             .await?;
-        let batcher = (options.sqlite_max_batch > 1).then(|| {
+        let batching = options.sqlite_max_batch > 1;
+        let batcher = batching.then(|| {
             let (queue, jobs) = mpsc::channel(options.sqlite_max_batch * 4);
             tokio::spawn(batch_writer(writer.clone(), options.sqlite_max_batch, jobs));
             queue
         });
-        Ok(Self { writer, reader, batcher })
+        let lookups = batching.then(|| {
+            let (queue, lookups) = mpsc::channel(options.sqlite_max_batch * 4);
+            tokio::spawn(batch_reader(reader.clone(), options.sqlite_max_batch, lookups));
+            queue
+        });
+        Ok(Self { writer, reader, batcher, lookups })
     }
 
     pub(super) async fn place_order(
@@ -312,11 +401,20 @@ impl SqliteStore {
     ) -> Result<(Order, Placement), Error> {
         // A retry of a committed order needs no write lock: answer it from a
         // reader, beside the writer.
-        let mut reader = self.reader.acquire().await.map_err(db("reading the idempotency key"))?;
-        if let Some(replayed) = place::replay(&mut *reader, account, &new, now).await? {
+        let stored = match &self.lookups {
+            Some(lookups) => {
+                let (reply, answer) = oneshot::channel();
+                lookups.send((key_id(account, new.client_request_id), reply)).await.map_err(|_| closed())?;
+                answer.await.map_err(|_| closed())??
+            }
+            None => {
+                let mut reader = self.reader.acquire().await.map_err(db("reading the idempotency key"))?;
+                reader.read_key(account, new.client_request_id).await?
+            }
+        };
+        if let Some(replayed) = place::replay(stored, &new, now)? {
             return Ok(replayed);
         }
-        drop(reader);
         let deadline = Instant::now() + lock_wait;
         let job = Job { account: account.clone(), new, now, ttl, deadline };
         match &self.batcher {
@@ -512,27 +610,8 @@ impl PlaceTx for SqliteConnection {
         account: &AccountId,
         key: ClientRequestId,
     ) -> Result<Option<StoredKey>, Error> {
-        let row: Option<KeyOrderRow> = sqlx::query_as(concat!(
-            "select key_fingerprint, key_expire_time, ",
-            order_columns!(),
-            r" from (select fingerprint as key_fingerprint, expire_time as key_expire_time,
-                            order_id as key_order_id
-                     from idempotency_keys where account_id = ? and client_request_id = ?)
-               join orders on orders.order_id = key_order_id"
-        ))
-        .bind(account.as_str())
-        .bind(key.to_string())
-        .fetch_optional(&mut *self)
-        .await
-        .map_err(db("reading the idempotency key"))?;
-        row.map(|row| {
-            Ok(StoredKey {
-                fingerprint: row.key_fingerprint,
-                expire_time: Timestamp::from_micros(row.key_expire_time),
-                order: row.order.try_into()?,
-            })
-        })
-        .transpose()
+        let key = key_id(account, key);
+        Ok(read_keys(self, std::slice::from_ref(&key)).await?.remove(&key))
     }
 
     async fn replace_expired_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
@@ -606,6 +685,8 @@ fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
 /// A key row joined with its order.
 #[derive(sqlx::FromRow)]
 struct KeyOrderRow {
+    key_account_id: String,
+    key_client_request_id: String,
     key_fingerprint: Vec<u8>,
     key_expire_time: i64,
     #[sqlx(flatten)]
@@ -653,5 +734,56 @@ impl TryFrom<OrderRow> for Order {
             status: row.status,
         }
         .try_into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{OrderType, Side, Symbol, TimeInForce};
+
+    fn order(key: ClientRequestId, symbol: &str) -> NewOrder {
+        NewOrder {
+            client_request_id: key,
+            symbol: Symbol::parse(symbol).unwrap(),
+            side: Side::Buy,
+            order_type: OrderType::Limit,
+            quantity: PositiveDecimal::parse("1").unwrap(),
+            limit_price: Some(PositiveDecimal::parse("10").unwrap()),
+            time_in_force: TimeInForce::Gtc,
+        }
+    }
+
+    /// The batched lookup answers each key for its own account: the same key
+    /// under two accounts names two orders, an absent key finds nothing,
+    /// and a key asked for twice in one batch is found for both.
+    #[tokio::test]
+    async fn read_keys_finds_each_key_under_its_own_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("orders.db").display());
+        let wait = Duration::from_secs(5);
+        let options = StoreOptions {
+            max_connections: 1,
+            lock_timeout: wait,
+            acquire_timeout: wait,
+            sqlite_max_batch: 1,
+        };
+        let store = SqliteStore::connect(&url, &options).await.unwrap();
+        let (alice, bob) = (AccountId::new("alice"), AccountId::new("bob"));
+        let shared = ClientRequestId::parse("0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a01").unwrap();
+        let absent = ClientRequestId::parse("0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a02").unwrap();
+        let now = Timestamp::from_micros(1_000_000);
+        let (for_alice, _) = store.place_order(&alice, order(shared, "AAPL"), now, wait, wait).await.unwrap();
+        let (for_bob, _) = store.place_order(&bob, order(shared, "MSFT"), now, wait, wait).await.unwrap();
+
+        let wanted =
+            [key_id(&alice, shared), key_id(&bob, shared), key_id(&alice, absent), key_id(&alice, shared)];
+        let mut conn = store.reader.acquire().await.unwrap();
+        let found = read_keys(&mut conn, &wanted).await.unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[&wanted[0]].order, for_alice);
+        assert_eq!(found[&wanted[1]].order, for_bob);
+        assert_eq!(found[&wanted[0]].fingerprint, order(shared, "AAPL").fingerprint().0.to_vec());
+        assert!(!found.contains_key(&wanted[2]));
     }
 }
