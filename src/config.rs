@@ -5,6 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// The largest `--sqlite-max-batch`: a batch's order insert binds 12 values
+/// per order, and SQLite refuses a statement binding more than 32,766.
+pub const SQLITE_MAX_BATCH_LIMIT: u32 = 2048;
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -133,9 +137,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
 
     /// SQLite: most PlaceOrders committed together by the group-commit writer
-    /// (one disk flush per batch); 1 turns batching off.
+    /// (one disk flush per batch), and most keys looked up in one query;
+    /// 1 turns batching off. At most [`SQLITE_MAX_BATCH_LIMIT`].
     #[arg(long, env = "ORDERS_SQLITE_MAX_BATCH", default_value_t = 256,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(SQLITE_MAX_BATCH_LIMIT)))]
     pub sqlite_max_batch: u32,
 
     /// How often the database is pinged; health turns NOT_SERVING while it
@@ -233,6 +238,14 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--idempotency-ttl", "0s"]).is_err());
         assert!(Config::try_parse_from(["x", "--idempotency-ttl", "soon"]).is_err());
         assert!(Config::try_parse_from(["x", "--listen", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn the_sqlite_batch_is_bounded_by_what_one_statement_can_bind() {
+        let batch = |n: u32| Config::try_parse_from(["x", "--sqlite-max-batch", &n.to_string()]);
+        assert_eq!(batch(SQLITE_MAX_BATCH_LIMIT).unwrap().sqlite_max_batch, SQLITE_MAX_BATCH_LIMIT);
+        assert!(batch(SQLITE_MAX_BATCH_LIMIT + 1).is_err());
+        assert!(batch(0).is_err());
     }
 
     #[test]

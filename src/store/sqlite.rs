@@ -302,6 +302,9 @@ async fn read_keys(
     conn: &mut SqliteConnection,
     keys: &[KeyId],
 ) -> Result<std::collections::HashMap<KeyId, StoredKey>, Error> {
+    let Some(first) = keys.first() else {
+        return Ok(std::collections::HashMap::new());
+    };
     let mut query = QueryBuilder::<Sqlite>::new(concat!(
         "select key_account_id, key_client_request_id, key_fingerprint, key_expire_time, ",
         order_columns!(),
@@ -310,7 +313,11 @@ async fn read_keys(
                         k.order_id as key_order_id
                  from ("
     ));
-    query.push_values(keys, |mut row, (account, key)| {
+    // Padded (with the first key again) to a power of two, so a reader
+    // connection caches at most nine such statements, not one per size.
+    let padding = keys.len().next_power_of_two() - keys.len();
+    let padded = keys.iter().chain(std::iter::repeat_n(first, padding));
+    query.push_values(padded, |mut row, (account, key)| {
         row.push_bind(account.as_str()).push_bind(key.as_str());
     });
     query.push(
@@ -776,14 +783,54 @@ mod tests {
         let (for_alice, _) = store.place_order(&alice, order(shared, "AAPL"), now, wait, wait).await.unwrap();
         let (for_bob, _) = store.place_order(&bob, order(shared, "MSFT"), now, wait, wait).await.unwrap();
 
-        let wanted =
-            [key_id(&alice, shared), key_id(&bob, shared), key_id(&alice, absent), key_id(&alice, shared)];
+        // Five keys: the query pads them to eight.
+        let wanted = [
+            key_id(&alice, shared),
+            key_id(&bob, shared),
+            key_id(&alice, absent),
+            key_id(&alice, shared),
+            key_id(&bob, absent),
+        ];
         let mut conn = store.reader.acquire().await.unwrap();
         let found = read_keys(&mut conn, &wanted).await.unwrap();
         assert_eq!(found.len(), 2);
         assert_eq!(found[&wanted[0]].order, for_alice);
         assert_eq!(found[&wanted[1]].order, for_bob);
         assert_eq!(found[&wanted[0]].fingerprint, order(shared, "AAPL").fingerprint().0.to_vec());
-        assert!(!found.contains_key(&wanted[2]));
+        assert!(!found.contains_key(&wanted[2]) && !found.contains_key(&wanted[4]));
+    }
+
+    /// The largest batch the flags allow fits in SQLite's statements: every
+    /// order of a full batch is written and every key found in one lookup.
+    #[tokio::test]
+    async fn the_largest_batch_allowed_is_written_and_looked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("orders.db").display());
+        let wait = Duration::from_secs(30);
+        let max = crate::config::SQLITE_MAX_BATCH_LIMIT as usize;
+        let options = StoreOptions {
+            max_connections: 1,
+            lock_timeout: wait,
+            acquire_timeout: wait,
+            sqlite_max_batch: max,
+        };
+        let store = SqliteStore::connect(&url, &options).await.unwrap();
+        let account = AccountId::new("alice");
+        let now = Timestamp::from_micros(1_000_000);
+        let deadline = Instant::now() + wait;
+        let jobs: Vec<Job> = (0..max)
+            .map(|i| {
+                let key = ClientRequestId::parse(&format!("00000000-0000-4000-8000-{i:012}")).unwrap();
+                Job { account: account.clone(), new: order(key, "AAPL"), now, ttl: wait, deadline }
+            })
+            .collect();
+        let keys: Vec<KeyId> = jobs.iter().map(|job| key_id(&account, job.new.client_request_id)).collect();
+        let results = run_batch(&store.writer, jobs).await;
+        assert_eq!(results.len(), max);
+        for result in results {
+            assert_eq!(result.expect("placed").1, Placement::Created);
+        }
+        let mut conn = store.reader.acquire().await.unwrap();
+        assert_eq!(read_keys(&mut conn, &keys).await.unwrap().len(), max);
     }
 }
