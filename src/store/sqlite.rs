@@ -302,9 +302,9 @@ async fn read_keys(
     conn: &mut SqliteConnection,
     keys: &[KeyId],
 ) -> Result<std::collections::HashMap<KeyId, StoredKey>, Error> {
-    let Some(first) = keys.first() else {
+    if keys.is_empty() {
         return Ok(std::collections::HashMap::new());
-    };
+    }
     let mut query = QueryBuilder::<Sqlite>::new(concat!(
         "select key_account_id, key_client_request_id, key_fingerprint, key_expire_time, ",
         order_columns!(),
@@ -313,12 +313,13 @@ async fn read_keys(
                         k.order_id as key_order_id
                  from ("
     ));
-    // Padded (with the first key again) to a power of two, so a reader
-    // connection caches at most nine such statements, not one per size.
+    // Padded to a power of two, so a reader connection caches at most nine
+    // such statements, not one per batch size. The padding is NULLs, which
+    // equal nothing, so it finds no rows.
     let padding = keys.len().next_power_of_two() - keys.len();
-    let padded = keys.iter().chain(std::iter::repeat_n(first, padding));
-    query.push_values(padded, |mut row, (account, key)| {
-        row.push_bind(account.as_str()).push_bind(key.as_str());
+    let padded = keys.iter().map(Some).chain(std::iter::repeat_n(None, padding));
+    query.push_values(padded, |mut row, key| {
+        row.push_bind(key.map(|(account, _)| account.as_str())).push_bind(key.map(|(_, key)| key.as_str()));
     });
     query.push(
         r") as wanted
