@@ -4,17 +4,25 @@
 //! Names follow grpc-ecosystem's middleware (`grpc_server_handled_total`,
 //! `grpc_server_handling_seconds`), so existing dashboards work.
 
-use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::OnceLock,
+    task::{Context, Poll},
+    time::Instant,
+};
 
 use anyhow::Context as _;
+use http_body::{Body, Frame, SizeHint};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tonic::Code;
+use tonic::{Code, codegen::http};
 
 /// PlaceOrder outcomes: created, replayed, key_reused, key_in_use,
 /// expired_reuse, invalid, unavailable, …
 pub const PLACE_OUTCOMES: &str = "orders_place_outcomes_total";
-/// Finished RPCs by service, method and status code.
+/// Finished RPCs (every service) by type, service, method and status code.
 pub const HANDLED: &str = "grpc_server_handled_total";
 /// RPC latency by service and method.
 pub const HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
@@ -101,15 +109,180 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Counts one finished unary RPC of `orders.v1.OrderService`.
-pub fn record_rpc(method: &'static str, code: Code, elapsed: Duration) {
-    let service = "orders.v1.OrderService";
-    metrics::counter!(HANDLED, "grpc_type" => "unary", "grpc_service" => service,
-        "grpc_method" => method, "grpc_code" => code_name(code))
-    .increment(1);
-    metrics::histogram!(HANDLING_SECONDS, "grpc_type" => "unary", "grpc_service" => service,
-        "grpc_method" => method)
-    .record(elapsed.as_secs_f64());
+/// Wraps the gRPC server in [`RpcMetrics`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpcMetricsLayer;
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetrics(inner)
+    }
+}
+
+/// Counts every RPC the server finishes in `grpc_server_handled_total` and
+/// times it in `grpc_server_handling_seconds`: every service (orders,
+/// health, reflection), and calls refused before any handler runs (a
+/// message that does not decode, an unknown method). The code is the one
+/// the caller sees: from the headers of a trailers-only answer, else from
+/// the trailers at the end of the body; a call whose body is dropped before
+/// its trailers (the caller went away) counts as `Canceled`.
+#[derive(Debug, Clone)]
+pub struct RpcMetrics<S>(S);
+
+impl<S, B, R> tower::Service<http::Request<B>> for RpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<MeteredBody<R>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let rpc = Rpc::of(request.uri().path());
+        let started = Instant::now();
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            let mut metered = Metered { rpc, started, finished: false };
+            if let Some(code) = grpc_status(response.headers()) {
+                metered.finish(code);
+            }
+            Ok(response.map(|inner| MeteredBody { inner, metered }))
+        })
+    }
+}
+
+/// A response body that records its RPC when the trailers go out.
+#[derive(Debug)]
+pub struct MeteredBody<B> {
+    inner: B,
+    metered: Metered,
+}
+
+impl<B: Body + Unpin> Body for MeteredBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if !this.metered.finished {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        this.metered.finish(grpc_status(trailers).unwrap_or(Code::Unknown));
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => this.metered.finish(Code::Internal),
+                Poll::Ready(None) => this.metered.finish(Code::Unknown),
+                Poll::Pending => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One RPC in flight, recorded once.
+#[derive(Debug)]
+struct Metered {
+    rpc: Rpc,
+    started: Instant,
+    finished: bool,
+}
+
+impl Metered {
+    fn finish(&mut self, code: Code) {
+        self.finished = true;
+        self.rpc.record(code, self.started.elapsed());
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish(Code::Cancelled);
+        }
+    }
+}
+
+/// The `grpc-status` among `headers`, if any.
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(Code::from_i32(value))
+}
+
+/// The RPCs the server knows, as (type, service, method) labels; the last
+/// is every other path. Fixed strings: a caller's made-up path is
+/// `unknown`, so it cannot grow the set of series.
+const RPCS: [(&str, &str, &str); 9] = [
+    ("unary", ORDERS, "PlaceOrder"),
+    ("unary", ORDERS, "GetOrder"),
+    ("unary", ORDERS, "ListOrders"),
+    ("unary", ORDERS, "CancelOrder"),
+    ("unary", HEALTH, "Check"),
+    ("server_stream", HEALTH, "Watch"),
+    ("bidi_stream", "grpc.reflection.v1.ServerReflection", "ServerReflectionInfo"),
+    ("bidi_stream", "grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo"),
+    ("unknown", "unknown", "unknown"),
+];
+const ORDERS: &str = "orders.v1.OrderService";
+const HEALTH: &str = "grpc.health.v1.Health";
+
+/// The series of one RPC, registered on first use and then recorded
+/// without a registry lookup: one per status code, and the latencies.
+/// A handle taken before the recorder is installed records nothing, so the
+/// recorder is installed when the metrics endpoint binds, before any RPC.
+struct RpcSeries {
+    handled: [OnceLock<metrics::Counter>; 17],
+    seconds: OnceLock<metrics::Histogram>,
+}
+
+static SERIES: [RpcSeries; RPCS.len()] =
+    [const { RpcSeries { handled: [const { OnceLock::new() }; 17], seconds: OnceLock::new() } }; RPCS.len()];
+
+/// An RPC: its index in [`RPCS`].
+#[derive(Debug, Clone, Copy)]
+struct Rpc(usize);
+
+impl Rpc {
+    fn of(path: &str) -> Self {
+        let (service, method) = path.strip_prefix('/').and_then(|p| p.split_once('/')).unwrap_or_default();
+        let known = RPCS[..RPCS.len() - 1].iter().position(|&(_, s, m)| s == service && m == method);
+        Rpc(known.unwrap_or(RPCS.len() - 1))
+    }
+
+    fn record(self, code: Code, elapsed: std::time::Duration) {
+        let (kind, service, method) = RPCS[self.0];
+        let series = &SERIES[self.0];
+        let handled = series.handled[code as usize].get_or_init(|| {
+            metrics::counter!(HANDLED, "grpc_type" => kind, "grpc_service" => service,
+                "grpc_method" => method, "grpc_code" => code_name(code))
+        });
+        handled.increment(1);
+        let seconds = series.seconds.get_or_init(|| {
+            metrics::histogram!(HANDLING_SECONDS, "grpc_type" => kind, "grpc_service" => service,
+                "grpc_method" => method)
+        });
+        seconds.record(elapsed.as_secs_f64());
+    }
 }
 
 /// Counts one PlaceOrder outcome.

@@ -251,6 +251,7 @@ impl Application {
         if let Some(listener) = health_listener {
             let health_addr = listener.local_addr()?;
             let health_only = Server::builder()
+                .layer(crate::metrics::RpcMetricsLayer)
                 .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener), stopped(&servers_rx));
             side_servers.push(tokio::spawn(async move {
@@ -268,6 +269,8 @@ impl Application {
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_connection_age(config.max_connection_age)
             .max_connection_age_grace(config.shutdown_grace)
+            // Outermost first: the metrics see the code the caller gets.
+            .layer(crate::metrics::RpcMetricsLayer)
             .layer(crate::api::MalformedRequestsLayer);
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).context("configuring TLS")?;

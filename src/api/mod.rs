@@ -133,11 +133,10 @@ fn finish<T>(
             error.code(),
         ),
     };
-    let elapsed = started.elapsed();
     span.record("outcome", outcome);
     span.record("code", metrics::code_name(code));
-    span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
-    metrics::record_rpc(method, code, elapsed);
+    span.record("latency_ms", started.elapsed().as_secs_f64() * 1000.0);
+    // grpc_server_handled_total is counted by the server's metrics layer.
     if method == "PlaceOrder" {
         metrics::record_place_outcome(outcome);
     }

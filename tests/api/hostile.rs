@@ -9,62 +9,17 @@ use order_service::{
     client::{ClientConfig, OrderClient},
     proto::PlaceOrderRequest,
 };
-use prost::bytes::{Buf, BufMut};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
-use tonic::{
-    Code, Request, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    codegen::http::uri::PathAndQuery,
-};
+use tonic::{Code, Request, codegen::http::uri::PathAndQuery};
 use tonic_types::StatusExt;
 
 use crate::{
     helpers::{
-        Engine, TestDatabase, channel, closed_by_server, engine_tests, limit_order, new_key, spawn_app,
+        Engine, RawCodec, TestDatabase, channel, closed_by_server, engine_tests, limit_order, new_key,
+        spawn_app,
     },
     process::ServerProcess,
 };
-
-/// Sends and receives message bytes as they are, so a test can send what no
-/// generated client would.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let mut bytes = vec![0; src.remaining()];
-        src.copy_to_slice(&mut bytes);
-        Ok(Some(bytes))
-    }
-}
 
 async fn malformed_messages_and_unknown_enums_get_clear_errors_and_write_nothing(engine: Engine) {
     let mut app = spawn_app(engine).await;

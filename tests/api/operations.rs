@@ -5,10 +5,11 @@ use std::collections::HashMap;
 
 use order_service::proto::{ListOrdersRequest, order_service_client::OrderServiceClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::{Code, Request};
+use tonic::{Code, Request, codegen::http::uri::PathAndQuery};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
-    helpers::{channel, limit_order, new_key},
+    helpers::{RawCodec, channel, limit_order, new_key},
     process::ServerProcess,
 };
 
@@ -76,6 +77,20 @@ async fn metrics_parse_and_outcome_counters_move_with_calls() {
     bad.symbol = "bad symbol".into();
     assert_eq!(client.place_order(bad).await.unwrap_err().code(), Code::InvalidArgument);
     client.list_orders(ListOrdersRequest::default()).await.unwrap();
+    // Calls no order handler sees: a health check, a message that does not
+    // decode, a method that does not exist.
+    let mut health = HealthClient::new(channel(server.addr).await);
+    health.check(HealthCheckRequest::default()).await.unwrap();
+    let mut raw = tonic::client::Grpc::new(channel(server.addr).await);
+    for (path, code) in [
+        ("/orders.v1.OrderService/PlaceOrder", Code::InvalidArgument),
+        ("/orders.v1.OrderService/Nonsense", Code::Unimplemented),
+    ] {
+        raw.ready().await.unwrap();
+        let path = PathAndQuery::from_static(path);
+        let status = raw.unary(Request::new(b"\xff\xff\xff".to_vec()), path, RawCodec).await.unwrap_err();
+        assert_eq!(status.code(), code);
+    }
 
     let body = scrape(&metrics_addr).await;
     let samples = parse_prometheus(&body);
@@ -83,15 +98,22 @@ async fn metrics_parse_and_outcome_counters_move_with_calls() {
     for (outcome, n) in [("created", 1.0), ("replayed", 1.0), ("key_reused", 1.0), ("invalid", 1.0)] {
         assert_eq!(get(&format!("orders_place_outcomes_total{{outcome=\"{outcome}\"}}")), n, "{outcome}");
     }
-    let handled = |method: &str, code: &str| {
+    let handled_by = |kind: &str, service: &str, method: &str, code: &str| {
         format!(
-            "grpc_server_handled_total{{grpc_type=\"unary\",grpc_service=\"orders.v1.OrderService\",\
+            "grpc_server_handled_total{{grpc_type=\"{kind}\",grpc_service=\"{service}\",\
              grpc_method=\"{method}\",grpc_code=\"{code}\"}}"
         )
     };
+    let handled = |method: &str, code: &str| handled_by("unary", "orders.v1.OrderService", method, code);
     assert_eq!(get(&handled("PlaceOrder", "OK")), 2.0);
     assert_eq!(get(&handled("PlaceOrder", "FailedPrecondition")), 1.0);
+    // The invalid symbol, and the message that did not decode.
+    assert_eq!(get(&handled("PlaceOrder", "InvalidArgument")), 2.0);
     assert_eq!(get(&handled("ListOrders", "OK")), 1.0);
+    assert_eq!(get(&handled_by("unary", "grpc.health.v1.Health", "Check", "OK")), 1.0);
+    // A made-up method is counted without adding its name to the series.
+    assert_eq!(get(&handled_by("unknown", "unknown", "unknown", "Unimplemented")), 1.0);
+    assert!(!body.contains("Nonsense"), "{body}");
     assert!(body.contains("grpc_server_handling_seconds_bucket{"), "{body}");
     assert_eq!(get("orders_health_serving"), 1.0);
     assert!(body.contains("orders_db_pool_connections{pool=\"writer\"}"), "{body}");
