@@ -11,7 +11,8 @@
 //!
 //! - [`config`]: the one clap struct; every flag is also an `ORDERS_*` variable.
 //! - [`telemetry`]: the tracing subscriber (text or JSON).
-//! - [`metrics`]: Prometheus counters and gauges and `GET /metrics`.
+//! - [`metrics`]: Prometheus counters and gauges, the layer that counts
+//!   every RPC, and `GET /metrics`.
 //! - [`startup`]: [`startup::Application`]: connect, migrate, bind; then run
 //!   until a shutdown signal and drain.
 //! - [`net`]: accepted connections must start their handshake in time.
