@@ -348,9 +348,9 @@ async fn set_health(health: &HealthReporter, serving: bool) {
     metrics::set_serving(serving);
 }
 
-/// Pings the database every `interval` until `stop` changes: health turns
-/// NOT_SERVING while it fails and SERVING when it answers again. Also samples
-/// the pool gauges.
+/// Probes the database every `interval` until `stop` changes (a read; on
+/// SQLite also a write): health turns NOT_SERVING while the probe fails and
+/// SERVING when it passes again. Also samples the pool gauges.
 async fn follow_database(
     store: Store,
     health: HealthReporter,
@@ -377,13 +377,13 @@ async fn follow_database(
             }
             serving = ok;
             if ok {
-                tracing::info!("the database answers again: SERVING");
+                tracing::info!("the database passes its health probe again: SERVING");
             } else {
                 let error = match answer {
                     Ok(Err(e)) => format!("{e:?}"),
                     _ => "no answer in time".to_owned(),
                 };
-                tracing::warn!(%error, "the database does not answer: NOT_SERVING");
+                tracing::warn!(%error, "the database fails its health probe: NOT_SERVING");
             }
             set_health(&health, ok).await;
         }

@@ -571,8 +571,23 @@ impl SqliteStore {
         Ok(result.rows_affected())
     }
 
+    /// Ready means orders can be placed: the file answers a read, and takes a
+    /// write (one row rewritten and committed, so a full disk, a read-only
+    /// or immutable file, or a lock held past the busy timeout all fail it).
     pub(super) async fn ping(&self) -> Result<(), Error> {
         sqlx::query("select 1").execute(&self.reader).await.map_err(db("pinging the database"))?;
+        let mut conn = self.writer.acquire().await.map_err(db("probing a write"))?;
+        let probe = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "begin immediate").await?;
+            sqlx::query("update health_probe set probes = probes + 1 where id = 1").execute(&mut *tx).await?;
+            tx.commit().await
+        };
+        if let Err(error) = probe.await {
+            // As after a failed batch: start afresh rather than trust a
+            // connection whose transaction state a failed COMMIT confused.
+            conn.close_on_drop();
+            return Err(db("probing a write")(error));
+        }
         Ok(())
     }
 

@@ -16,6 +16,9 @@ use std::{
 use order_service::proto::order_service_client::OrderServiceClient;
 use tokio::sync::Notify;
 use tonic::{Code, Request};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::helpers::{
     Cluster, Engine, TestApp, channel, limit_order, new_key, postgres_tests, spawn_app_with,
@@ -211,4 +214,34 @@ async fn a_sqlite_file_made_unwritable_under_load_and_restored() {
         || drop(unwritable.lock().unwrap().take()),
     )
     .await;
+}
+
+/// Readiness means orders can be placed: a file that stops taking writes
+/// (here made immutable) turns health NOT_SERVING though reads still work,
+/// and SERVING again once it takes writes, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs root for chattr +i; scripts/test runs it"]
+async fn health_follows_whether_the_sqlite_file_takes_writes() {
+    let app = spawn_app_with(Engine::Sqlite, |c| {
+        c.health_interval = Duration::from_millis(200);
+        c.lock_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let file = PathBuf::from(app.config.database_url.trim_start_matches("sqlite://"));
+    let wal = PathBuf::from(format!("{}-wal", file.display()));
+    let mut health = HealthClient::new(channel(app.addr).await);
+    let mut statuses = health
+        .watch(HealthCheckRequest { service: "orders.v1.OrderService".to_owned() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        let message = tokio::time::timeout(Duration::from_secs(15), statuses.message()).await;
+        message.expect("a health change in time").unwrap().unwrap().status()
+    };
+    assert_eq!(next().await, ServingStatus::Serving);
+    let unwritable = Unwritable::set(vec![file, wal]);
+    assert_eq!(next().await, ServingStatus::NotServing);
+    drop(unwritable);
+    assert_eq!(next().await, ServingStatus::Serving);
 }
