@@ -143,9 +143,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(SQLITE_MAX_BATCH_LIMIT)))]
     pub sqlite_max_batch: u32,
 
-    /// How often the database is probed (a read; on SQLite also a one-row
-    /// write); health turns NOT_SERVING while the probe fails and SERVING
-    /// again when it passes.
+    /// How often the database is probed (it must answer and take writes:
+    /// SQLite rewrites one row, Postgres must not be read-only); health turns
+    /// NOT_SERVING while the probe fails and SERVING again when it passes.
     #[arg(long, env = "ORDERS_HEALTH_INTERVAL", default_value = "5s", value_parser = positive_duration)]
     pub health_interval: Duration,
 

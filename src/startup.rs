@@ -348,9 +348,9 @@ async fn set_health(health: &HealthReporter, serving: bool) {
     metrics::set_serving(serving);
 }
 
-/// Probes the database every `interval` until `stop` changes (a read; on
-/// SQLite also a write): health turns NOT_SERVING while the probe fails and
-/// SERVING when it passes again. Also samples the pool gauges.
+/// Probes the database every `interval` until `stop` changes (does it
+/// answer, and take writes): health turns NOT_SERVING while the probe fails
+/// and SERVING when it passes again. Also samples the pool gauges.
 async fn follow_database(
     store: Store,
     health: HealthReporter,

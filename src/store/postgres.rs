@@ -265,8 +265,21 @@ impl PgStore {
         Ok(result.rows_affected())
     }
 
+    /// Ready means orders can be placed: the server answers, and would take
+    /// a write (it is not a standby, and sessions are not read-only).
     pub(super) async fn ping(&self) -> Result<(), Error> {
-        sqlx::query("select 1").execute(&self.pool).await.map_err(db("pinging the database"))?;
+        let read_only: bool = sqlx::query_scalar(
+            "select pg_is_in_recovery() or current_setting('transaction_read_only')::boolean",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("pinging the database"))?;
+        if read_only {
+            return Err(Error::Unavailable {
+                context: "pinging the database",
+                source: "the server is read-only (a standby, or default_transaction_read_only)".into(),
+            });
+        }
         Ok(())
     }
 

@@ -187,8 +187,44 @@ async fn health_follows_the_database_down_and_up_without_a_restart(engine: Engin
     assert_eq!(next().await, ServingStatus::Serving);
 }
 
+/// Readiness means orders can be placed: a Postgres that answers reads but
+/// refuses writes (here made read-only for every session, as a standby is)
+/// turns health NOT_SERVING, and SERVING again once it takes writes.
+async fn health_follows_whether_postgres_takes_writes(engine: Engine) {
+    let cluster = Cluster(tempfile::tempdir().unwrap());
+    let url = cluster.run("start");
+    let app = spawn_app_with(engine, |c| {
+        c.database_url = url.clone();
+        c.health_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut admin = PgConnection::connect(&url).await.unwrap();
+    let mut read_only = async |on: bool| {
+        let set =
+            if on { "alter system set default_transaction_read_only = on" } else { "alter system reset all" };
+        sqlx::query(set).execute(&mut admin).await.unwrap();
+        sqlx::query("select pg_reload_conf()").execute(&mut admin).await.unwrap();
+    };
+    let mut health = HealthClient::new(channel(app.addr).await);
+    let mut statuses = health
+        .watch(HealthCheckRequest { service: "orders.v1.OrderService".to_owned() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        let message = tokio::time::timeout(Duration::from_secs(15), statuses.message()).await;
+        message.expect("a health change in time").unwrap().unwrap().status()
+    };
+    assert_eq!(next().await, ServingStatus::Serving);
+    read_only(true).await;
+    assert_eq!(next().await, ServingStatus::NotServing);
+    read_only(false).await;
+    assert_eq!(next().await, ServingStatus::Serving);
+}
+
 postgres_tests!(
     health_follows_the_database_down_and_up_without_a_restart,
+    health_follows_whether_postgres_takes_writes,
     tls_to_postgres_follows_the_urls_sslmode,
     a_duplicate_waits_for_the_call_in_flight_and_replays_its_order,
     a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use,
