@@ -386,3 +386,22 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(bytes))
     }
 }
+
+/// The readiness of the server at `addr` as a health Watch stream reports it.
+pub struct Readiness(tonic::Streaming<tonic_health::pb::HealthCheckResponse>);
+
+impl Readiness {
+    /// Starts watching `orders.v1.OrderService`.
+    pub async fn watch(addr: SocketAddr) -> Readiness {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
+        let request = tonic_health::pb::HealthCheckRequest { service: "orders.v1.OrderService".to_owned() };
+        Readiness(health.watch(request).await.unwrap().into_inner())
+    }
+
+    /// The next status the server sends (the first is the current one),
+    /// waiting at most 15 s.
+    pub async fn next(&mut self) -> tonic_health::pb::health_check_response::ServingStatus {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(15), self.0.message()).await;
+        message.expect("a health change in time").unwrap().expect("the stream goes on").status()
+    }
+}

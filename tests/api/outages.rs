@@ -16,12 +16,10 @@ use std::{
 use order_service::proto::order_service_client::OrderServiceClient;
 use tokio::sync::Notify;
 use tonic::{Code, Request};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::helpers::{
-    Cluster, Engine, TestApp, channel, limit_order, new_key, postgres_tests, spawn_app_with,
+    Cluster, Engine, Readiness, TestApp, channel, limit_order, new_key, postgres_tests, spawn_app_with,
 };
 
 /// Each call's deadline; the service must answer within it.
@@ -229,19 +227,10 @@ async fn health_follows_whether_the_sqlite_file_takes_writes() {
     .await;
     let file = PathBuf::from(app.config.database_url.trim_start_matches("sqlite://"));
     let wal = PathBuf::from(format!("{}-wal", file.display()));
-    let mut health = HealthClient::new(channel(app.addr).await);
-    let mut statuses = health
-        .watch(HealthCheckRequest { service: "orders.v1.OrderService".to_owned() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut next = async || {
-        let message = tokio::time::timeout(Duration::from_secs(15), statuses.message()).await;
-        message.expect("a health change in time").unwrap().unwrap().status()
-    };
-    assert_eq!(next().await, ServingStatus::Serving);
+    let mut readiness = Readiness::watch(app.addr).await;
+    assert_eq!(readiness.next().await, ServingStatus::Serving);
     let unwritable = Unwritable::set(vec![file, wal]);
-    assert_eq!(next().await, ServingStatus::NotServing);
+    assert_eq!(readiness.next().await, ServingStatus::NotServing);
     drop(unwritable);
-    assert_eq!(next().await, ServingStatus::Serving);
+    assert_eq!(readiness.next().await, ServingStatus::Serving);
 }

@@ -13,7 +13,7 @@ use tonic_health::pb::{
 };
 
 use crate::helpers::{
-    Cluster, Engine, channel, limit_order, new_key, postgres_tests, spawn_app, spawn_app_with,
+    Cluster, Engine, Readiness, channel, limit_order, new_key, postgres_tests, spawn_app, spawn_app_with,
 };
 
 /// Holds the key's row lock from another connection, as a call in flight
@@ -168,23 +168,15 @@ async fn health_follows_the_database_down_and_up_without_a_restart(engine: Engin
         c.db_acquire_timeout = Duration::from_secs(1);
     })
     .await;
-    let mut health = HealthClient::new(channel(app.addr).await);
-    let mut statuses = health
-        .watch(HealthCheckRequest { service: "orders.v1.OrderService".to_owned() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut next = async || {
-        let message = tokio::time::timeout(Duration::from_secs(15), statuses.message()).await;
-        message.expect("a health change in time").unwrap().unwrap().status()
-    };
-    assert_eq!(next().await, ServingStatus::Serving);
+    let mut readiness = Readiness::watch(app.addr).await;
+    assert_eq!(readiness.next().await, ServingStatus::Serving);
     cluster.run("stop");
-    assert_eq!(next().await, ServingStatus::NotServing);
+    assert_eq!(readiness.next().await, ServingStatus::NotServing);
+    let mut health = HealthClient::new(channel(app.addr).await);
     let liveness = health.check(HealthCheckRequest { service: "liveness".to_owned() }).await.unwrap();
     assert_eq!(liveness.into_inner().status(), ServingStatus::Serving, "alive, though not ready");
     cluster.run("start");
-    assert_eq!(next().await, ServingStatus::Serving);
+    assert_eq!(readiness.next().await, ServingStatus::Serving);
 }
 
 /// Readiness means orders can be placed: a Postgres that answers reads but
@@ -205,21 +197,12 @@ async fn health_follows_whether_postgres_takes_writes(engine: Engine) {
         sqlx::query(set).execute(&mut admin).await.unwrap();
         sqlx::query("select pg_reload_conf()").execute(&mut admin).await.unwrap();
     };
-    let mut health = HealthClient::new(channel(app.addr).await);
-    let mut statuses = health
-        .watch(HealthCheckRequest { service: "orders.v1.OrderService".to_owned() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut next = async || {
-        let message = tokio::time::timeout(Duration::from_secs(15), statuses.message()).await;
-        message.expect("a health change in time").unwrap().unwrap().status()
-    };
-    assert_eq!(next().await, ServingStatus::Serving);
+    let mut readiness = Readiness::watch(app.addr).await;
+    assert_eq!(readiness.next().await, ServingStatus::Serving);
     read_only(true).await;
-    assert_eq!(next().await, ServingStatus::NotServing);
+    assert_eq!(readiness.next().await, ServingStatus::NotServing);
     read_only(false).await;
-    assert_eq!(next().await, ServingStatus::Serving);
+    assert_eq!(readiness.next().await, ServingStatus::Serving);
 }
 
 postgres_tests!(
