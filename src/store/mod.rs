@@ -175,7 +175,8 @@ impl Store {
         dispatch!(self, s => s.purge_expired_keys(now, limit).await)
     }
 
-    /// Whether the database answers a trivial query.
+    /// The readiness probe: whether the database answers and takes writes
+    /// (SQLite: one row rewritten; Postgres: not a standby, not read-only).
     pub async fn ping(&self) -> Result<(), Error> {
         dispatch!(self, s => s.ping().await)
     }
