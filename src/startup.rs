@@ -47,10 +47,8 @@ pub struct Application {
     clock: Arc<dyn Clock>,
     auth: Arc<Authenticator>,
     tls: Option<ServerTlsConfig>,
-    /// SIGHUP, caught from `build` on so that one sent early reloads the
-    /// tokens instead of killing the process (its default action).
-    #[cfg(unix)]
-    hangups: Option<tokio::signal::unix::Signal>,
+    /// SIGHUP, caught from `build` on.
+    hangups: Hangups,
     config: Config,
 }
 
@@ -86,14 +84,7 @@ impl Application {
     /// As [`build`](Self::build), reading time from `clock` (tests move it).
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
-        #[cfg(unix)]
-        let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(hangups) => Some(hangups),
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; auth tokens will not reload");
-                None
-            }
-        };
+        let hangups = Hangups::install();
         let auth =
             Arc::new(Authenticator::new(config.auth_tokens_file.as_deref(), config.tls_client_ca.is_some())?);
         let tls = tls_config(&config)?;
@@ -148,7 +139,6 @@ impl Application {
             clock,
             auth,
             tls,
-            #[cfg(unix)]
             hangups,
             config,
         })
@@ -184,7 +174,6 @@ impl Application {
             clock,
             auth,
             tls,
-            #[cfg(unix)]
             hangups,
             config,
         } = self;
@@ -229,12 +218,7 @@ impl Application {
                 config.purge_batch_size,
                 background_rx.clone(),
             )),
-            tokio::spawn(reload_on_sighup(
-                #[cfg(unix)]
-                hangups,
-                auth,
-                background_rx.clone(),
-            )),
+            tokio::spawn(reload_on_sighup(hangups, auth, background_rx.clone())),
             tokio::spawn(follow_database(
                 store.clone(),
                 health.clone(),
@@ -392,27 +376,48 @@ async fn follow_database(
 
 /// Reloads the auth tokens file on every SIGHUP until `stop` changes; a bad
 /// file is logged and the tokens in force stay.
-async fn reload_on_sighup(
-    #[cfg(unix)] hangups: Option<tokio::signal::unix::Signal>,
-    auth: Arc<Authenticator>,
-    mut stop: watch::Receiver<bool>,
-) {
-    #[cfg(unix)]
-    {
-        let Some(mut hangups) = hangups else { return };
-        loop {
-            tokio::select! {
-                _ = hangups.recv() => {}
-                _ = stop.changed() => return,
-            }
-            match auth.reload() {
-                Ok(tokens) => tracing::info!(tokens, "reloaded auth tokens"),
-                Err(error) => tracing::error!("keeping the auth tokens in force: {error:#}"),
-            }
+async fn reload_on_sighup(mut hangups: Hangups, auth: Arc<Authenticator>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = hangups.recv() => {}
+            _ = stop.changed() => return,
+        }
+        match auth.reload() {
+            Ok(tokens) => tracing::info!(tokens, "reloaded auth tokens"),
+            Err(error) => tracing::error!("keeping the auth tokens in force: {error:#}"),
         }
     }
-    #[cfg(not(unix))]
-    let _ = (auth, stop.changed().await);
+}
+
+/// SIGHUP, caught from the moment this is made, so that one sent early
+/// reloads the tokens instead of killing the process (its default action).
+#[derive(Debug)]
+struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangups {
+    fn install() -> Self {
+        #[cfg(unix)]
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangups) => Self(Some(hangups)),
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP; auth tokens will not reload");
+                Self(None)
+            }
+        }
+        #[cfg(not(unix))]
+        Self()
+    }
+
+    /// Resolves on the next SIGHUP; never where none can arrive.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(hangups) = &mut self.0
+            && hangups.recv().await.is_some()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
 }
 
 /// SIGINT and SIGTERM, caught from the moment this is made: one that
