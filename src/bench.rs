@@ -223,13 +223,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
                         result.map_err(|status| code_name(status.code()).to_owned())
                     }
                     Driver::Raw { store } => store
-                        .place_order(
-                            &account,
-                            new_order(key),
-                            crate::clock::Clock::now(&crate::clock::SystemClock),
-                            ttl,
-                            lock_wait,
-                        )
+                        .place_order(&account, new_order(key), ttl, lock_wait, None)
                         .await
                         .map(drop)
                         .map_err(|e| code_name(e.code()).to_owned()),

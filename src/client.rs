@@ -3,8 +3,14 @@
 //!
 //! - One `client_request_id` per order: generated (UUID v4) when the caller
 //!   gives none, and sent unchanged on every attempt of that call.
-//! - Retries only `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `ABORTED` and
-//!   `RESOURCE_EXHAUSTED`; every other code is final at once.
+//! - Retries only `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `ABORTED`,
+//!   `RESOURCE_EXHAUSTED` and `CANCELLED` (tonic's own deadline timer
+//!   answers that), any answer whose `ErrorInfo` reason is `OUTCOME_UNKNOWN`,
+//!   and calls broken in the transport; every other code is final at once.
+//! - Knows when a PlaceOrder's outcome is unknown: if any attempt may have
+//!   written the order (the service said `OUTCOME_UNKNOWN`, or no answer
+//!   came), a final failure says so ([`CallError::outcome_unknown`]) with
+//!   the key to retry with, never that the order was refused.
 //! - Waits what the server's `RetryInfo` asks, else exponential backoff with
 //!   full jitter; bounded by attempts and by total time; each attempt has
 //!   its own deadline.
@@ -95,16 +101,26 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Whether a call that failed with `code` may be retried with the same key.
+    /// Whether a call that failed with `code` may be retried with the same
+    /// key. `CANCELLED` is among them: tonic answers it when a deadline fires
+    /// before the service's own answer, and every call of this client is
+    /// safe to repeat.
     pub fn is_retryable(code: Code) -> bool {
-        matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted)
+        matches!(
+            code,
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Aborted
+                | Code::ResourceExhausted
+                | Code::Cancelled
+        )
     }
 
     /// Whether a failed call may be retried with the same key: a retryable
-    /// code, or a call that broke in the transport before any answer came
-    /// ([`broke_in_transport`]).
+    /// code, an `OUTCOME_UNKNOWN` answer, or a call that broke in the
+    /// transport before any answer came ([`broke_in_transport`]).
     pub fn may_retry(status: &Status) -> bool {
-        Self::is_retryable(status.code()) || broke_in_transport(status)
+        Self::is_retryable(status.code()) || is_outcome_unknown(status) || broke_in_transport(status)
     }
 
     /// The exponential backoff cap before attempt `attempt + 1`.
@@ -200,6 +216,10 @@ pub struct CallError {
     pub attempts: u32,
     /// The idempotency key used (PlaceOrder only): retry later with this key.
     pub client_request_id: Option<String>,
+    /// PlaceOrder only: some attempt may have written the order (see
+    /// [`may_have_written`]), so it may exist; retrying with
+    /// `client_request_id` tells (it replays the order, or places it once).
+    pub outcome_unknown: bool,
 }
 
 impl CallError {
@@ -227,7 +247,12 @@ pub struct OrderClient {
 }
 
 fn config_error(message: impl fmt::Display) -> CallError {
-    CallError { status: Status::invalid_argument(message.to_string()), attempts: 0, client_request_id: None }
+    CallError {
+        status: Status::invalid_argument(message.to_string()),
+        attempts: 0,
+        client_request_id: None,
+        outcome_unknown: false,
+    }
 }
 
 impl OrderClient {
@@ -259,6 +284,7 @@ impl OrderClient {
     {
         let started = Instant::now();
         let mut attempt = 0;
+        let mut outcome_unknown = false;
         loop {
             attempt += 1;
             let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
@@ -268,7 +294,11 @@ impl OrderClient {
             if let Some(token) = &self.token {
                 request.metadata_mut().insert("authorization", token.clone());
             }
-            let status = match tokio::time::timeout(timeout, call(self.inner.clone(), request)).await {
+            let answer = tokio::time::timeout(timeout, call(self.inner.clone(), request)).await;
+            if let Ok(Err(status)) = &answer {
+                outcome_unknown |= key.is_some() && may_have_written(status);
+            }
+            let status = match answer {
                 Ok(Ok(response)) => {
                     return Ok(Answer {
                         value: response.into_inner(),
@@ -280,13 +310,15 @@ impl OrderClient {
                     Status::unavailable(format!("the connection broke: {}", transport_cause(&status)))
                 }
                 Ok(Err(status)) => status,
-                Err(_) => Status::deadline_exceeded(format!("no answer within {timeout:?}")),
+                Err(_) => {
+                    outcome_unknown |= key.is_some();
+                    Status::deadline_exceeded(format!("no answer within {timeout:?}"))
+                }
             };
             let delay = self.retry.delay(attempt, &status, random_unit());
             let out_of_time = started.elapsed() + delay >= self.retry.total_timeout;
-            if !RetryPolicy::is_retryable(status.code()) || attempt >= self.retry.max_attempts || out_of_time
-            {
-                return Err(CallError { status, attempts: attempt, client_request_id: key });
+            if !RetryPolicy::may_retry(&status) || attempt >= self.retry.max_attempts || out_of_time {
+                return Err(CallError { status, attempts: attempt, client_request_id: key, outcome_unknown });
             }
             if let Some(on_retry) = &self.retry.on_retry {
                 on_retry(attempt, &status);
@@ -339,6 +371,58 @@ pub fn broke_in_transport(status: &Status) -> bool {
     std::error::Error::source(status).is_some()
 }
 
+/// Whether the service answered `OUTCOME_UNKNOWN`: the write was sent and
+/// its outcome could not be waited for.
+pub fn is_outcome_unknown(status: &Status) -> bool {
+    status.get_details_error_info().is_some_and(|info| info.reason == crate::error::OUTCOME_UNKNOWN)
+}
+
+/// Whether a PlaceOrder that failed with `status` may have written its
+/// order. Not when the service refused it (a refusal code, or an answer
+/// with this service's `ErrorInfo` other than `OUTCOME_UNKNOWN`: those wrote
+/// nothing), nor when the connection was refused; yes for `OUTCOME_UNKNOWN`
+/// and for every failure where no answer of the service's came (a broken
+/// connection, a local timeout, `CANCELLED` or `UNKNOWN` from a timer or a
+/// proxy).
+pub fn may_have_written(status: &Status) -> bool {
+    if is_outcome_unknown(status) {
+        return true;
+    }
+    if broke_in_transport(status) {
+        return !connection_refused(status);
+    }
+    if status.get_details_error_info().is_some_and(|info| info.domain == crate::error::ERROR_DOMAIN) {
+        return false;
+    }
+    !matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::ResourceExhausted
+            | Code::OutOfRange
+            | Code::Unimplemented
+    )
+}
+
+/// Whether a transport failure was the connection being refused (nothing
+/// was sent).
+fn connection_refused(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// The innermost error behind a transport failure, for the retry message.
 fn transport_cause(status: &Status) -> String {
     let mut cause = status.message().to_owned();
@@ -366,7 +450,13 @@ mod tests {
 
     #[test]
     fn only_safe_codes_are_retried() {
-        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Aborted, Code::ResourceExhausted] {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::ResourceExhausted,
+            Code::Cancelled,
+        ] {
             assert!(RetryPolicy::is_retryable(code), "{code:?}");
         }
         for code in [
@@ -379,6 +469,35 @@ mod tests {
             Code::Internal,
         ] {
             assert!(!RetryPolicy::is_retryable(code), "{code:?}");
+        }
+    }
+
+    /// The service's answers say what was written; answers without them
+    /// (timers, proxies, broken connections) may have written.
+    #[test]
+    fn what_may_have_written_is_told_apart() {
+        let answer = |error: crate::error::Error| Status::from(error);
+        let key = crate::domain::ClientRequestId::parse("0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a01").unwrap();
+        let unknown = answer(crate::error::Error::OutcomeUnknown {
+            client_request_id: key,
+            deadline: true,
+            context: "test",
+            source: "test".into(),
+        });
+        assert!(may_have_written(&unknown) && RetryPolicy::may_retry(&unknown));
+        assert_eq!(unknown.code(), Code::DeadlineExceeded);
+        let info = unknown.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["client_request_id"], key.to_string());
+        for not_written in [
+            answer(crate::error::Error::DeadlineExceeded),
+            answer(crate::error::Error::KeyInUse),
+            answer(crate::error::Error::Unavailable { context: "test", source: "test".into() }),
+            answer(crate::error::Error::invalid("symbol", "bad")),
+        ] {
+            assert!(!may_have_written(&not_written), "{not_written:?}");
+        }
+        for maybe in [Status::cancelled("Timeout expired"), Status::unknown("proxy"), Status::internal("?")] {
+            assert!(may_have_written(&maybe), "{maybe:?}");
         }
     }
 

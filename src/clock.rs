@@ -27,20 +27,33 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that starts at the system time and moves only when told to.
+/// A clock for tests: stopped at the system time (it moves only when told
+/// to), or running with the system clock; either way `advance` moves it
+/// ahead, so a running clock moved minutes ahead is a replica whose clock
+/// is wrong.
 #[derive(Debug)]
-pub struct ManualClock(AtomicI64);
+pub struct ManualClock {
+    /// Where it stands (stopped), or its offset from the system clock
+    /// (running), in microseconds.
+    micros: AtomicI64,
+    running: bool,
+}
 
 impl ManualClock {
     /// A clock stopped at the current system time.
     pub fn new() -> Self {
-        Self(AtomicI64::new(SystemClock.now().as_micros()))
+        Self { micros: AtomicI64::new(SystemClock.now().as_micros()), running: false }
+    }
+
+    /// A clock that runs with the system clock (until moved ahead).
+    pub fn running() -> Self {
+        Self { micros: AtomicI64::new(0), running: true }
     }
 
     /// Moves the clock forward by `d`.
     pub fn advance(&self, d: Duration) {
         let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        self.0.fetch_add(micros, Ordering::SeqCst);
+        self.micros.fetch_add(micros, Ordering::SeqCst);
     }
 }
 
@@ -52,6 +65,11 @@ impl Default for ManualClock {
 
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
-        Timestamp::from_micros(self.0.load(Ordering::SeqCst))
+        let micros = self.micros.load(Ordering::SeqCst);
+        if self.running {
+            Timestamp::from_micros(SystemClock.now().as_micros().saturating_add(micros))
+        } else {
+            Timestamp::from_micros(micros)
+        }
     }
 }

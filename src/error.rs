@@ -9,7 +9,7 @@ use std::{collections::HashMap, time::Duration};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::domain::{OrderField, OrderId};
+use crate::domain::{ClientRequestId, OrderField, OrderId};
 
 /// The `ErrorInfo.domain` of every error this service reports.
 pub const ERROR_DOMAIN: &str = "orders.v1";
@@ -19,6 +19,14 @@ pub const UNAVAILABLE_RETRY_DELAY: Duration = Duration::from_millis(250);
 pub const OVERLOADED_RETRY_DELAY: Duration = Duration::from_millis(200);
 /// How long a caller should wait before retrying an `IDEMPOTENCY_KEY_IN_USE`.
 pub const KEY_IN_USE_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// How long a caller should wait before retrying an `OUTCOME_UNKNOWN`
+/// answer (to learn the outcome) or a deadline that passed.
+pub const OUTCOME_UNKNOWN_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// The `ErrorInfo.reason` of an answer that cannot say whether the order was
+/// written: retry with the same `client_request_id` to learn the outcome.
+/// Every other failure of PlaceOrder wrote nothing and never will.
+pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
 
 /// `ErrorDetails` with an `ErrorInfo` of `reason` in [`ERROR_DOMAIN`] and a
 /// `RetryInfo` of `delay`.
@@ -78,13 +86,42 @@ pub enum Error {
 
     /// `ABORTED` with `ErrorInfo{reason: IDEMPOTENCY_KEY_IN_USE}` and
     /// `RetryInfo`: another call with this key is still being placed, and it
-    /// outlasted the caller's deadline or the lock timeout.
+    /// outlasted the caller's deadline or the lock timeout; or other calls
+    /// (expiry, the purge, other replicas) changed the key on every round of
+    /// this one. Nothing was written.
     #[error("idempotency key in use by a call still in flight")]
     KeyInUse,
 
+    /// `DEADLINE_EXCEEDED` with `ErrorInfo{reason: DEADLINE_EXCEEDED}` and
+    /// `RetryInfo`: the caller's deadline passed before the write was sent
+    /// (queued, waiting for a connection or a lock); nothing was written, and
+    /// nothing will be.
+    #[error("the caller's deadline passed before the write was sent")]
+    DeadlineExceeded,
+
+    /// A retryable code (`DEADLINE_EXCEEDED` when the caller's deadline cut
+    /// the wait, else `UNAVAILABLE`) with `ErrorInfo{reason: OUTCOME_UNKNOWN,
+    /// metadata: {client_request_id}}` and `RetryInfo`: the write was sent (or
+    /// its batch had begun) and its outcome could not be waited for. The
+    /// order may exist; a retry with the same key tells (it replays the
+    /// order, or places it once). Never "nothing was written".
+    #[error("outcome unknown while {context}")]
+    OutcomeUnknown {
+        /// The key to retry with.
+        client_request_id: ClientRequestId,
+        /// Whether the caller's deadline cut the wait (else the connection
+        /// or the commit failed).
+        deadline: bool,
+        /// What the service was doing.
+        context: &'static str,
+        /// The cause, logged but never sent.
+        #[source]
+        source: BoxError,
+    },
+
     /// `UNAVAILABLE` with `ErrorInfo{reason: DATASTORE_UNAVAILABLE}` and
-    /// `RetryInfo`: the database is down, busy or out of connections; nothing
-    /// was written.
+    /// `RetryInfo`: the database is down, busy or out of connections, and
+    /// the write was never sent (or was refused whole): nothing was written.
     #[error("datastore unavailable while {context}")]
     Unavailable {
         /// What the service was doing.
@@ -125,6 +162,9 @@ impl Error {
             Self::NotFound => Code::NotFound,
             Self::KeyReused { .. } => Code::FailedPrecondition,
             Self::KeyInUse => Code::Aborted,
+            Self::DeadlineExceeded => Code::DeadlineExceeded,
+            Self::OutcomeUnknown { deadline: true, .. } => Code::DeadlineExceeded,
+            Self::OutcomeUnknown { deadline: false, .. } => Code::Unavailable,
             Self::Unavailable { .. } => Code::Unavailable,
             Self::Internal { .. } => Code::Internal,
         }
@@ -174,6 +214,32 @@ impl From<Error> for Status {
                 "another call with this client_request_id is still in flight; retry with the same client_request_id",
                 retryable("IDEMPOTENCY_KEY_IN_USE", KEY_IN_USE_RETRY_DELAY),
             ),
+            Error::DeadlineExceeded => Status::with_error_details(
+                code,
+                "the deadline passed before the order was written; nothing was written, \
+                 retry with the same client_request_id",
+                retryable("DEADLINE_EXCEEDED", OUTCOME_UNKNOWN_RETRY_DELAY),
+            ),
+            Error::OutcomeUnknown { client_request_id, deadline, context, source } => {
+                tracing::warn!(error = %source, deadline, "outcome unknown while {context}");
+                let metadata =
+                    HashMap::from([("client_request_id".to_owned(), client_request_id.to_string())]);
+                let mut details = ErrorDetails::with_error_info(OUTCOME_UNKNOWN, ERROR_DOMAIN, metadata);
+                details.set_retry_info(Some(OUTCOME_UNKNOWN_RETRY_DELAY));
+                let why = if deadline {
+                    "the deadline passed while the order was being written"
+                } else {
+                    "the database connection failed while the order was being committed"
+                };
+                Status::with_error_details(
+                    code,
+                    format!(
+                        "{why}: it may or may not have been placed; retry with the same \
+                         client_request_id {client_request_id} to learn the outcome"
+                    ),
+                    details,
+                )
+            }
             Error::Unavailable { context, source } => {
                 tracing::warn!(error = %source, "datastore unavailable while {context}");
                 let details = retryable("DATASTORE_UNAVAILABLE", UNAVAILABLE_RETRY_DELAY);

@@ -2,17 +2,19 @@
 //! expired keys in bounded batches (one short statement each) until none are
 //! left, so PlaceOrder is never held up for long. Orders are never deleted.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::{clock::Clock, error::Error, store::Store};
+use crate::{error::Error, store::Store};
 
-/// Deletes every key expired by now, `batch` at a time; returns how many.
-pub async fn purge_expired(store: &Store, clock: &dyn Clock, batch: u32) -> Result<u64, Error> {
+/// Deletes every key expired by now (on the store's clock), `batch` at a
+/// time; returns how many. A key purged early could not place a second
+/// order anyway: its order holds the key's lifetime too (see `store`).
+pub async fn purge_expired(store: &Store, batch: u32) -> Result<u64, Error> {
     let mut total = 0;
     loop {
-        let deleted = store.purge_expired_keys(clock.now(), batch).await?;
+        let deleted = store.purge_expired_keys(batch).await?;
         total += deleted;
         if deleted < u64::from(batch) {
             return Ok(total);
@@ -23,13 +25,7 @@ pub async fn purge_expired(store: &Store, clock: &dyn Clock, batch: u32) -> Resu
 }
 
 /// Runs [`purge_expired`] every `interval` until `stop` changes.
-pub async fn run(
-    store: Store,
-    clock: Arc<dyn Clock>,
-    interval: Duration,
-    batch: u32,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn run(store: Store, interval: Duration, batch: u32, mut stop: watch::Receiver<bool>) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -37,7 +33,7 @@ pub async fn run(
             _ = ticks.tick() => {}
             _ = stop.changed() => return,
         }
-        match purge_expired(&store, clock.as_ref(), batch).await {
+        match purge_expired(&store, batch).await {
             Ok(0) => tracing::debug!("no expired idempotency keys"),
             Ok(purged) => {
                 crate::metrics::record_purged(purged);

@@ -44,7 +44,6 @@ pub struct Application {
     metrics_listener: Option<TcpListener>,
     health_listener: Option<TcpListener>,
     store: Store,
-    clock: Arc<dyn Clock>,
     auth: Arc<Authenticator>,
     tls: Option<ServerTlsConfig>,
     /// SIGHUP, caught from `build` on.
@@ -82,6 +81,7 @@ impl Application {
     }
 
     /// As [`build`](Self::build), reading time from `clock` (tests move it).
+    /// Only SQLite reads it: on Postgres every time is the database server's.
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
         let hangups = Hangups::install();
@@ -93,6 +93,7 @@ impl Application {
             lock_timeout: config.lock_timeout,
             acquire_timeout: config.db_acquire_timeout,
             sqlite_max_batch: config.sqlite_max_batch as usize,
+            clock: clock.clone(),
         };
         let store =
             tokio::time::timeout(config.db_connect_timeout, Store::connect(&config.database_url, &options))
@@ -136,7 +137,6 @@ impl Application {
             metrics_listener,
             health_listener,
             store,
-            clock,
             auth,
             tls,
             hangups,
@@ -165,18 +165,8 @@ impl Application {
     /// accepting, lets in-flight calls finish within the shutdown grace, and
     /// closes the database.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self {
-            faults,
-            listener,
-            metrics_listener,
-            health_listener,
-            store,
-            clock,
-            auth,
-            tls,
-            hangups,
-            config,
-        } = self;
+        let Self { faults, listener, metrics_listener, health_listener, store, auth, tls, hangups, config } =
+            self;
         let addr = listener.local_addr().context("reading the bound address")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -197,9 +187,8 @@ impl Application {
             max_concurrent_requests: config.max_concurrent_requests,
             faults,
         };
-        let api =
-            OrderServiceServer::new(OrderApi::new(store.clone(), clock.clone(), auth.clone(), settings))
-                .max_decoding_message_size(config.max_request_size as usize);
+        let api = OrderServiceServer::new(OrderApi::new(store.clone(), auth.clone(), settings))
+            .max_decoding_message_size(config.max_request_size as usize);
 
         // Background work stops first, when draining begins; servers last.
         let (background_tx, background_rx) = watch::channel(false);
@@ -213,7 +202,6 @@ impl Application {
         let background = [
             tokio::spawn(purge::run(
                 store.clone(),
-                clock,
                 config.purge_interval,
                 config.purge_batch_size,
                 background_rx.clone(),

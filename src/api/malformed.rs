@@ -7,6 +7,11 @@
 //! `grpc-message` starting "failed to decode Protobuf message". This layer
 //! rewrites exactly those responses; the service's own `INTERNAL` answers
 //! always say just "internal error".
+//!
+//! Being the first of the service's code every call reaches, it also stamps
+//! the call's [`Arrival`]: tonic starts its `grpc-timeout` timer at that same
+//! moment, and a handler that times its deadline from there answers before
+//! that timer answers `CANCELLED` for it, however late the handler started.
 
 use std::{
     future::Future,
@@ -20,6 +25,11 @@ use tonic::{Code, codegen::http};
 /// appears in `grpc-message`: percent-encoded, spaces included.
 const DECODE_FAILURE: [&[u8]; 2] =
     [b"failed%20to%20decode%20Protobuf%20message", b"failed to decode Protobuf message"];
+
+/// When a call reached the service (see the module doc), in its request's
+/// extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(pub tokio::time::Instant);
 
 /// Wraps a service in [`MalformedRequests`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,7 +60,8 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(Arrival(tokio::time::Instant::now()));
         // A cheap clone (shared bytes), read only if the answer is rewritten.
         let uri = request.uri().clone();
         let response = self.0.call(request);

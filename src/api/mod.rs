@@ -11,19 +11,17 @@ pub mod page_token;
 
 pub use auth::{Authenticator, new_token};
 pub use convert::{ListQuery, Lookup};
-pub use malformed::{MalformedRequests, MalformedRequestsLayer};
+pub use malformed::{Arrival, MalformedRequests, MalformedRequestsLayer};
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 use tracing::{Span, field};
 
 use crate::{
-    clock::Clock,
     domain::{AccountId, NewOrder, Order, OrderId},
     error::Error,
     metrics,
@@ -73,7 +71,6 @@ pub struct ApiSettings {
 #[derive(Debug, Clone)]
 pub struct OrderApi {
     store: Store,
-    clock: Arc<dyn Clock>,
     auth: Arc<Authenticator>,
     settings: ApiSettings,
     in_flight: Arc<Semaphore>,
@@ -81,9 +78,9 @@ pub struct OrderApi {
 
 impl OrderApi {
     /// The service over `store`, identifying callers with `auth`.
-    pub fn new(store: Store, clock: Arc<dyn Clock>, auth: Arc<Authenticator>, settings: ApiSettings) -> Self {
+    pub fn new(store: Store, auth: Arc<Authenticator>, settings: ApiSettings) -> Self {
         let in_flight = Arc::new(Semaphore::new(settings.max_concurrent_requests as usize));
-        Self { store, clock, auth, settings, in_flight }
+        Self { store, auth, settings, in_flight }
     }
 
     /// Who is calling (recorded on the call's span), and a place among the
@@ -95,16 +92,22 @@ impl OrderApi {
         Ok((account, permit))
     }
 
-    /// How long this call may wait for a lock: the lock timeout, shortened so
-    /// that the answer still beats the caller's deadline (`grpc-timeout`).
-    fn lock_wait<T>(&self, request: &Request<T>) -> Duration {
-        let deadline = request.metadata().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
-        match deadline {
-            Some(deadline) => {
-                let margin = (deadline / 5).min(Duration::from_millis(250));
-                self.settings.lock_timeout.min(deadline.saturating_sub(margin))
+    /// How long a call that arrived at `started` may wait for a lock, and
+    /// by when it answers. Both beat the caller's deadline (`grpc-timeout`),
+    /// so the service answers its own deadline, truthfully, before tonic's
+    /// timer answers `CANCELLED`: a lock not taken by the lock wait wrote
+    /// nothing; by the deadline the store says whether the write was sent.
+    fn limits<T>(&self, request: &Request<T>, started: Instant) -> (Duration, Option<Instant>) {
+        let timeout = request.metadata().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        match timeout {
+            Some(timeout) => {
+                // tonic's timer started before this handler did: keep a
+                // margin (a fifth of the deadline, at most 250 ms) for that.
+                let margin = (timeout / 5).min(Duration::from_millis(250));
+                let lock_wait = self.settings.lock_timeout.min(timeout.saturating_sub(margin * 2));
+                (lock_wait, Some(started + timeout.saturating_sub(margin)))
             }
-            None => self.settings.lock_timeout,
+            None => (self.settings.lock_timeout, None),
         }
     }
 }
@@ -127,6 +130,8 @@ fn finish<T>(
                 Error::NotFound => "not_found",
                 Error::KeyReused { .. } => "key_reused",
                 Error::KeyInUse => "key_in_use",
+                Error::DeadlineExceeded => "deadline_exceeded",
+                Error::OutcomeUnknown { .. } => "outcome_unknown",
                 Error::Unavailable { .. } => "unavailable",
                 Error::Internal { .. } => "error",
             },
@@ -184,9 +189,9 @@ impl OrderService for OrderApi {
         &self,
         request: Request<proto::PlaceOrderRequest>,
     ) -> Result<Response<proto::PlaceOrderResponse>, Status> {
-        let started = Instant::now();
+        let started = request.extensions().get::<Arrival>().map_or_else(Instant::now, |arrival| arrival.0);
         let span = Span::current();
-        let lock_wait = self.lock_wait(&request);
+        let (lock_wait, deadline) = self.limits(&request, started);
         let result = async {
             let (account, _permit) = self.admit(&request)?;
             let request = request.into_inner();
@@ -197,7 +202,7 @@ impl OrderService for OrderApi {
             span.record("client_request_id", field::display(new.client_request_id));
             let placed = self
                 .store
-                .place_order(&account, new, self.clock.now(), self.settings.idempotency_ttl, lock_wait)
+                .place_order(&account, new, self.settings.idempotency_ttl, lock_wait, deadline)
                 .await?;
             span.record("order_id", field::display(placed.0.order_id));
             Ok(placed)
@@ -235,7 +240,7 @@ impl OrderService for OrderApi {
                 }
                 Lookup::ClientRequestId(key) => {
                     span.record("client_request_id", field::display(key));
-                    self.store.get_order_by_key(&account, key, self.clock.now()).await?
+                    self.store.get_order_by_key(&account, key).await?
                 }
             };
             span.record("order_id", field::display(order.order_id));
@@ -301,7 +306,7 @@ impl OrderService for OrderApi {
             let (account, _permit) = self.admit(&request)?;
             let id = OrderId::try_from(request.into_inner())?;
             span.record("order_id", field::display(id));
-            self.store.cancel_order(&account, id, self.clock.now()).await
+            self.store.cancel_order(&account, id).await
         }
         .await;
         let (order, _) =

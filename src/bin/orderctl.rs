@@ -3,7 +3,10 @@
 //!
 //! Exit codes: 0 success, 2 bad usage, 3 the service refused the request
 //! (e.g. `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, `NOT_FOUND`), 4 the
-//! service was unreachable or unavailable after every retry.
+//! service was unreachable or unavailable after every retry (nothing was
+//! written), 5 `place` gave up with the outcome unknown: the order may
+//! exist; run it again with the `--key` it prints to learn the outcome (it
+//! is placed at most once).
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
@@ -253,15 +256,27 @@ fn failed(error: &CallError, json: bool) -> ExitCode {
             "error": { "code": format!("{:?}", error.status.code()), "message": error.status.message() },
             "attempts": error.attempts,
             "client_request_id": error.client_request_id,
+            "outcome_unknown": error.outcome_unknown,
         });
         println!("{out}");
     } else {
         eprintln!("error: {error}");
-        if let (true, Some(key)) = (error.is_unreachable(), &error.client_request_id) {
-            eprintln!("the order may or may not be placed: retry with --key {key} to place it exactly once");
+        if let Some(key) = &error.client_request_id {
+            if error.outcome_unknown {
+                eprintln!(
+                    "the outcome is unknown: the order may have been placed; run again with --key {key} \
+                     to learn the outcome (it is placed at most once)"
+                );
+            } else if error.is_unreachable() {
+                eprintln!("nothing was placed: retry with --key {key} to place it exactly once");
+            }
         }
     }
-    ExitCode::from(if error.is_unreachable() { 4 } else { 3 })
+    ExitCode::from(match () {
+        () if error.outcome_unknown => 5,
+        () if error.is_unreachable() => 4,
+        () => 3,
+    })
 }
 
 fn print<T>(json: bool, answer: &Answer<T>, as_json: serde_json::Value, text: String) {
@@ -409,12 +424,15 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
             }
             if name == "SERVING" { ExitCode::SUCCESS } else { ExitCode::from(3) }
         }
-        Ok(Err(status)) => failed(&CallError { status, attempts: 1, client_request_id: None }, json),
+        Ok(Err(status)) => {
+            failed(&CallError { status, attempts: 1, client_request_id: None, outcome_unknown: false }, json)
+        }
         Err(_) => failed(
             &CallError {
                 status: tonic::Status::deadline_exceeded("no answer"),
                 attempts: 1,
                 client_request_id: None,
+                outcome_unknown: false,
             },
             json,
         ),

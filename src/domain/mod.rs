@@ -189,6 +189,12 @@ impl Timestamp {
         let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
         Self(self.0.saturating_add(micros))
     }
+
+    /// This instant minus `d` (saturating).
+    pub fn sub(&self, d: std::time::Duration) -> Self {
+        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_sub(micros))
+    }
 }
 
 #[cfg(test)]

@@ -4,19 +4,26 @@
 //! and hides which engine is behind it; the gRPC layer only sees domain types
 //! and [`Error`]. Each engine has its own module and its own embedded
 //! migrations under `migrations/<engine>`; the PlaceOrder transaction itself is
-//! written once, in `place`.
+//! written once, in `place`, and whether its write was sent is tracked in
+//! `attempt`, so that a call cut short says truthfully what was written.
+//!
+//! Times are the store's: on Postgres the database server's clock (one clock
+//! for every replica), on SQLite the configured [`Clock`] of the process,
+//! read when the statement runs.
 
+mod attempt;
 mod place;
 mod postgres;
 mod sqlite;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
 use crate::{
+    clock::{Clock, SystemClock},
     domain::{
         AccountId, ClientRequestId, Cursor, NewOrder, Order, OrderFilter, OrderId, OrderStatus, OrderType,
         PositiveDecimal, Side, Symbol, TimeInForce, Timestamp,
@@ -40,6 +47,9 @@ pub struct StoreOptions {
     /// SQLite: most PlaceOrders committed together (group commit); 1 turns
     /// batching off.
     pub sqlite_max_batch: usize,
+    /// SQLite: where times come from (Postgres reads the database server's
+    /// clock instead).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for StoreOptions {
@@ -49,6 +59,7 @@ impl Default for StoreOptions {
             lock_timeout: Duration::from_secs(5),
             acquire_timeout: Duration::from_secs(5),
             sqlite_max_batch: 256,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -117,16 +128,51 @@ impl Store {
     /// Places `order` for `account` exactly once per key (see `place`):
     /// creates it, replays the order the key already placed, or refuses a key
     /// reused with other fields (`Error::KeyReused`, nothing written). Waits at
-    /// most `lock_wait` for a lock held by another call.
+    /// most `lock_wait` for a lock held by another call, and answers by
+    /// `deadline`: `DeadlineExceeded` if the write was not sent by then
+    /// (nothing written, ever), `OutcomeUnknown` if it was.
     pub async fn place_order(
         &self,
         account: &AccountId,
         order: NewOrder,
-        now: Timestamp,
         ttl: Duration,
         lock_wait: Duration,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<(Order, Placement), Error> {
-        dispatch!(self, s => s.place_order(account, order, now, ttl, lock_wait).await)
+        let key = order.client_request_id;
+        let attempt = Arc::new(attempt::Attempt::default());
+        // However the caller's wait ends (answered, cut short by its
+        // deadline, cancelled), a write not yet sent never will be.
+        let _abandon = attempt::AbandonOnDrop(&attempt);
+        // The placing runs as a task of its own, never dropped half-way: a
+        // future dropped inside a transaction (in `BEGIN`, say) can leave
+        // the pooled connection in a transaction sqlx does not know of, and
+        // the next caller's statement would run, and be acknowledged, inside
+        // it. The caller gives up by `attempt`, which the task heeds before
+        // sending its write.
+        let (store, account, task_attempt) = (self.clone(), account.clone(), attempt.clone());
+        let mut placing = tokio::spawn(async move {
+            dispatch!(&store, s => s.place_order(&account, order, ttl, lock_wait, &task_attempt).await)
+        });
+        let finished = match deadline {
+            None => (&mut placing).await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, &mut placing).await {
+                Ok(finished) => finished,
+                Err(_) => return Err(attempt.cut_short(key)),
+            },
+        };
+        finished.unwrap_or_else(|panicked| {
+            let error = Error::internal("placing an order", panicked);
+            if attempt.abandon() {
+                return Err(error);
+            }
+            Err(Error::OutcomeUnknown {
+                client_request_id: key,
+                deadline: false,
+                context: "placing an order",
+                source: "the placing task failed after sending the write".into(),
+            })
+        })
     }
 
     /// The account's order with this id.
@@ -136,13 +182,8 @@ impl Store {
 
     /// The order the account's live key points to; once the key has expired
     /// or been purged, the newest of the account's orders placed with it.
-    pub async fn get_order_by_key(
-        &self,
-        account: &AccountId,
-        key: ClientRequestId,
-        now: Timestamp,
-    ) -> Result<Order, Error> {
-        dispatch!(self, s => s.get_order_by_key(account, key, now).await)
+    pub async fn get_order_by_key(&self, account: &AccountId, key: ClientRequestId) -> Result<Order, Error> {
+        dispatch!(self, s => s.get_order_by_key(account, key).await)
     }
 
     /// Up to `limit` of the account's orders matching `filter`, newest first
@@ -160,19 +201,14 @@ impl Store {
     /// Cancels the account's order if it is `NEW`; returns the order as it
     /// now is and whether this call changed it. `NotFound` if there is no such
     /// order for this account.
-    pub async fn cancel_order(
-        &self,
-        account: &AccountId,
-        id: OrderId,
-        now: Timestamp,
-    ) -> Result<(Order, bool), Error> {
-        dispatch!(self, s => s.cancel_order(account, id, now).await)
+    pub async fn cancel_order(&self, account: &AccountId, id: OrderId) -> Result<(Order, bool), Error> {
+        dispatch!(self, s => s.cancel_order(account, id).await)
     }
 
-    /// Deletes at most `limit` keys that expired at or before `now`; returns
-    /// how many it deleted. Orders are never deleted.
-    pub async fn purge_expired_keys(&self, now: Timestamp, limit: u32) -> Result<u64, Error> {
-        dispatch!(self, s => s.purge_expired_keys(now, limit).await)
+    /// Deletes at most `limit` keys that have expired (on the store's
+    /// clock); returns how many it deleted. Orders are never deleted.
+    pub async fn purge_expired_keys(&self, limit: u32) -> Result<u64, Error> {
+        dispatch!(self, s => s.purge_expired_keys(limit).await)
     }
 
     /// The readiness probe: whether the database answers and takes writes

@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::{
     OrderRecord, Placement, StoreOptions,
+    attempt::Attempt,
     place::{self, KeyRecord, PlaceTx, StoredKey},
 };
 use crate::{
@@ -100,10 +101,11 @@ impl PgStore {
         &self,
         account: &AccountId,
         new: NewOrder,
-        now: Timestamp,
         ttl: Duration,
         lock_wait: Duration,
+        attempt: &Attempt,
     ) -> Result<(Order, Placement), Error> {
+        let key = new.client_request_id;
         let mut conn = self.pool.acquire().await.map_err(db("acquiring a database connection"))?;
         // Connections start with the configured lock timeout; only a caller
         // deadline shorter than it needs a transaction to shorten it in.
@@ -112,7 +114,15 @@ impl PgStore {
             // The common cases without a transaction: a new key is one
             // statement (key and order, atomic on its own), a live key one
             // read. Only an expired key takes the full transaction below.
-            if let Some(placed) = place::place_new_or_live(&mut *conn, account, &new, now, ttl).await? {
+            // The statement commits as it runs: from here on a failure the
+            // server did not answer leaves the outcome unknown.
+            if !attempt.send() {
+                return Err(Error::DeadlineExceeded);
+            }
+            let placed = place::place_new_or_live(&mut *conn, account, &new, ttl)
+                .await
+                .map_err(|e| unknown_unless_answered(e, key))?;
+            if let Some(placed) = placed {
                 return Ok(placed);
             }
         }
@@ -125,8 +135,13 @@ impl PgStore {
                 .await
                 .map_err(db("bounding the lock wait"))?;
         }
-        let placed = place::place(&mut *tx, account, new, now, ttl).await?;
-        tx.commit().await.map_err(db("committing the order"))?;
+        // Until COMMIT is sent, any failure (or the caller giving up, which
+        // drops the transaction) rolls everything back: nothing written.
+        let placed = place::place(&mut *tx, account, new, ttl).await?;
+        if !attempt.send() {
+            return Err(Error::DeadlineExceeded);
+        }
+        tx.commit().await.map_err(|e| unknown_unless_answered(db("committing the order")(e), key))?;
         Ok(placed)
     }
 
@@ -148,18 +163,16 @@ impl PgStore {
         &self,
         account: &AccountId,
         key: ClientRequestId,
-        now: Timestamp,
     ) -> Result<Order, Error> {
         let live: Option<OrderRow> = sqlx::query_as(concat!(
             "select ",
             order_columns!(),
             r" from orders where order_id = (
                    select order_id from idempotency_keys
-                   where account_id = $1 and client_request_id = $2 and expire_time > $3)"
+                   where account_id = $1 and client_request_id = $2 and expire_time > clock_timestamp())"
         ))
         .bind(account.as_str())
         .bind(key.uuid())
-        .bind(to_datetime(now))
         .fetch_optional(&self.pool)
         .await
         .map_err(db("reading the order by its key"))?;
@@ -224,17 +237,15 @@ impl PgStore {
         &self,
         account: &AccountId,
         id: OrderId,
-        now: Timestamp,
     ) -> Result<(Order, bool), Error> {
         // A concurrent cancel waits on the row lock, then finds the status
         // changed and updates nothing: one state change.
         let canceled: Option<OrderRow> = sqlx::query_as(concat!(
-            r"update orders set status = 'CANCELED', update_time = greatest($1, create_time)
-              where order_id = $2 and account_id = $3 and status = 'NEW'
+            r"update orders set status = 'CANCELED', update_time = greatest(clock_timestamp(), create_time)
+              where order_id = $1 and account_id = $2 and status = 'NEW'
               returning ",
             order_columns!()
         ))
-        .bind(to_datetime(now))
         .bind(id.uuid())
         .bind(account.as_str())
         .fetch_optional(&self.pool)
@@ -247,17 +258,16 @@ impl PgStore {
         }
     }
 
-    /// Skips keys another replica's purge has locked, so purges on every
-    /// replica never wait on each other.
-    pub(super) async fn purge_expired_keys(&self, now: Timestamp, limit: u32) -> Result<u64, Error> {
+    /// Expired on the database's clock. Skips keys another replica's purge
+    /// has locked, so purges on every replica never wait on each other.
+    pub(super) async fn purge_expired_keys(&self, limit: u32) -> Result<u64, Error> {
         let result = sqlx::query(
             r"delete from idempotency_keys
               where (account_id, client_request_id) in (
                   select account_id, client_request_id from idempotency_keys
-                  where expire_time <= $1 order by expire_time limit $2
+                  where expire_time <= statement_timestamp() order by expire_time limit $1
                   for update skip locked)",
         )
-        .bind(to_datetime(now))
         .bind(i64::from(limit))
         .execute(&self.pool)
         .await
@@ -292,44 +302,82 @@ impl PgStore {
     }
 }
 
+/// Binds an order's first ten columns (all but its times), in the column
+/// order of `insert into orders`, to any kind of query.
+macro_rules! bind_order {
+    ($query:expr, $order:expr) => {{
+        let order: &Order = $order;
+        $query
+            .bind(order.order_id.uuid())
+            .bind(order.account_id.as_str())
+            .bind(order.client_request_id.uuid())
+            .bind(order.symbol.as_str())
+            .bind(order.side.as_str())
+            .bind(order.order_type.as_str())
+            .bind(order.quantity.value())
+            .bind(order.limit_price.map(|p| p.value()))
+            .bind(order.time_in_force.as_str())
+            .bind(order.status.as_str())
+    }};
+}
+
+/// A duration in microseconds, for `$n * interval '1 microsecond'`.
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Every time here is the database server's clock (`clock_timestamp()`, read
+/// once per statement), so replicas with skewed clocks agree.
 impl PlaceTx for sqlx::PgConnection {
-    /// One statement: the order is inserted only if the key was, so a new
-    /// order costs one round trip (and, outside a transaction, is its own
-    /// atomic transaction).
-    async fn insert_key_and_order(&mut self, key: &KeyRecord<'_>, order: &Order) -> Result<bool, Error> {
-        let query = sqlx::query(
-            r"with key as (
+    /// One statement: the key is inserted unless it exists or an order
+    /// placed with it is younger than its lifetime, and the order only if
+    /// the key was; so a new order costs one round trip (and, outside a
+    /// transaction, is its own atomic transaction).
+    async fn insert_key_and_order(
+        &mut self,
+        key: &KeyRecord<'_>,
+        order: &Order,
+    ) -> Result<Option<Timestamp>, Error> {
+        let query = sqlx::query_scalar(
+            r"with now as (select clock_timestamp() as at),
+              key as (
                   insert into idempotency_keys
                       (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
-                  values ($1, $2, $3, $4, $5, $6)
+                  select $1, $2, $3, $4, now.at, now.at + $5::bigint * interval '1 microsecond' from now
+                  where not exists (
+                      select 1 from orders
+                      where account_id = $1 and client_request_id = $2
+                        and create_time > now.at - $5::bigint * interval '1 microsecond')
                   on conflict (account_id, client_request_id) do nothing
-                  returning 1)
+                  returning create_time)
               insert into orders (order_id, account_id, client_request_id, symbol, side, order_type,
                   quantity, limit_price, time_in_force, status, create_time, update_time)
-              select $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18 from key",
+              select $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, key.create_time, key.create_time
+              from key
+              returning create_time",
         )
         .bind(key.account_id.as_str())
         .bind(key.client_request_id.uuid())
         .bind(&key.fingerprint.0[..])
         .bind(key.order_id.uuid())
-        .bind(to_datetime(key.create_time))
-        .bind(to_datetime(key.expire_time));
-        let result = bind_order(query, order)
-            .execute(&mut *self)
+        .bind(micros(key.ttl));
+        let created: Option<DateTime<Utc>> = bind_order!(query, order)
+            .fetch_optional(&mut *self)
             .await
             .map_err(db_key("inserting the idempotency key and the order"))?;
-        Ok(result.rows_affected() == 1)
+        Ok(created.map(from_datetime))
     }
 
     async fn read_key(
         &mut self,
         account: &AccountId,
         key: ClientRequestId,
+        ttl: Duration,
     ) -> Result<Option<StoredKey>, Error> {
         let row: Option<KeyOrderRow> = sqlx::query_as(concat!(
-            "select key_fingerprint, key_expire_time, ",
+            "select key_fingerprint, key_live, ",
             order_columns!(),
-            r" from (select fingerprint as key_fingerprint, expire_time as key_expire_time,
+            r" from (select fingerprint as key_fingerprint, expire_time > clock_timestamp() as key_live,
                             order_id as key_order_id
                      from idempotency_keys where account_id = $1 and client_request_id = $2) as key
                join orders on orders.order_id = key.key_order_id"
@@ -339,32 +387,49 @@ impl PlaceTx for sqlx::PgConnection {
         .fetch_optional(&mut *self)
         .await
         .map_err(db_key("reading the idempotency key"))?;
-        row.map(|row| {
-            Ok(StoredKey {
-                fingerprint: row.key_fingerprint,
-                expire_time: from_datetime(row.key_expire_time),
+        if let Some(row) = row {
+            return Ok(Some(StoredKey {
+                fingerprint: Some(row.key_fingerprint),
+                live: row.key_live,
                 order: row.order.try_into()?,
-            })
-        })
-        .transpose()
+            }));
+        }
+        // No key row (purged): an order younger than the lifetime still binds.
+        let recent: Option<OrderRow> = sqlx::query_as(concat!(
+            "select ",
+            order_columns!(),
+            r" from orders where account_id = $1 and client_request_id = $2
+                 and create_time > clock_timestamp() - $3::bigint * interval '1 microsecond'
+               order by create_time desc, order_id desc limit 1"
+        ))
+        .bind(account.as_str())
+        .bind(key.uuid())
+        .bind(micros(ttl))
+        .fetch_optional(&mut *self)
+        .await
+        .map_err(db("reading the recent order of a key"))?;
+        recent.map(|row| Ok(StoredKey { fingerprint: None, live: true, order: row.try_into()? })).transpose()
     }
 
-    async fn replace_expired_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
-        let result = sqlx::query(
-            r"update idempotency_keys
-              set fingerprint = $1, order_id = $2, create_time = $3, expire_time = $4
-              where account_id = $5 and client_request_id = $6 and expire_time <= $3",
+    async fn replace_expired_key(&mut self, key: &KeyRecord<'_>) -> Result<Option<Timestamp>, Error> {
+        let replaced: Option<DateTime<Utc>> = sqlx::query_scalar(
+            r"with now as (select clock_timestamp() as at)
+              update idempotency_keys
+              set fingerprint = $1, order_id = $2, create_time = now.at,
+                  expire_time = now.at + $3::bigint * interval '1 microsecond'
+              from now
+              where account_id = $4 and client_request_id = $5 and expire_time <= now.at
+              returning idempotency_keys.create_time",
         )
         .bind(&key.fingerprint.0[..])
         .bind(key.order_id.uuid())
-        .bind(to_datetime(key.create_time))
-        .bind(to_datetime(key.expire_time))
+        .bind(micros(key.ttl))
         .bind(key.account_id.as_str())
         .bind(key.client_request_id.uuid())
-        .execute(&mut *self)
+        .fetch_optional(&mut *self)
         .await
         .map_err(db_key("replacing the expired idempotency key"))?;
-        Ok(result.rows_affected() == 1)
+        Ok(replaced.map(from_datetime))
     }
 
     async fn insert_order(&mut self, order: &Order) -> Result<(), Error> {
@@ -373,29 +438,40 @@ impl PlaceTx for sqlx::PgConnection {
                   quantity, limit_price, time_in_force, status, create_time, update_time)
               values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         );
-        bind_order(query, order).execute(&mut *self).await.map_err(db("inserting the order"))?;
+        bind_order!(query, order)
+            .bind(to_datetime(order.create_time))
+            .bind(to_datetime(order.update_time))
+            .execute(&mut *self)
+            .await
+            .map_err(db("inserting the order"))?;
         Ok(())
     }
 }
 
-/// Binds an order's twelve columns, in the column order of `insert into orders`.
-fn bind_order<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    order: &'q Order,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    query
-        .bind(order.order_id.uuid())
-        .bind(order.account_id.as_str())
-        .bind(order.client_request_id.uuid())
-        .bind(order.symbol.as_str())
-        .bind(order.side.as_str())
-        .bind(order.order_type.as_str())
-        .bind(order.quantity.value())
-        .bind(order.limit_price.map(|p| p.value()))
-        .bind(order.time_in_force.as_str())
-        .bind(order.status.as_str())
-        .bind(to_datetime(order.create_time))
-        .bind(to_datetime(order.update_time))
+/// A failure after the write was sent: unless the server answered it (a
+/// database error: the statement or commit failed, nothing was written), the
+/// connection broke with the outcome unknown.
+fn unknown_unless_answered(error: Error, key: ClientRequestId) -> Error {
+    let (context, source) = match error {
+        Error::Unavailable { context, source } | Error::Internal { context, source } => (context, source),
+        other => return other,
+    };
+    let answered = matches!(
+        source.downcast_ref::<sqlx::Error>(),
+        Some(sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+    );
+    if answered {
+        return db_error_again(context, source);
+    }
+    Error::OutcomeUnknown { client_request_id: key, deadline: false, context, source }
+}
+
+/// The error `db` made of `source`, given back unchanged.
+fn db_error_again(context: &'static str, source: crate::error::BoxError) -> Error {
+    match source.downcast::<sqlx::Error>() {
+        Ok(error) => db(context)(*error),
+        Err(source) => Error::Internal { context, source },
+    }
 }
 
 /// Whether retrying later can succeed: the connection or server is gone,
@@ -444,7 +520,7 @@ fn db_key(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
 #[derive(sqlx::FromRow)]
 struct KeyOrderRow {
     key_fingerprint: Vec<u8>,
-    key_expire_time: DateTime<Utc>,
+    key_live: bool,
     #[sqlx(flatten)]
     order: OrderRow,
 }

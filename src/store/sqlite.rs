@@ -12,7 +12,7 @@
 //! answered from there, without the write lock), and the batch writer
 //! commits every waiting new order in one transaction.
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
     AssertSqlSafe, QueryBuilder, Sqlite, SqliteConnection, SqlitePool,
@@ -26,9 +26,11 @@ use uuid::Uuid;
 
 use super::{
     OrderRecord, Placement, StoreOptions,
+    attempt::Attempt,
     place::{self, KeyRecord, PlaceTx, StoredKey},
 };
 use crate::{
+    clock::Clock,
     domain::{
         AccountId, ClientRequestId, Cursor, NewOrder, Order, OrderFilter, OrderId, PositiveDecimal, Timestamp,
     },
@@ -48,6 +50,8 @@ macro_rules! order_columns {
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Where times come from (read under the write lock for writes).
+    clock: Arc<dyn Clock>,
     /// Where PlaceOrders queue for the group-commit writer (none when
     /// `sqlite_max_batch` is 1).
     batcher: Option<mpsc::Sender<Queued>>,
@@ -56,8 +60,11 @@ pub struct SqliteStore {
     lookups: Option<mpsc::Sender<Lookup>>,
 }
 
+/// The answer of a PlaceOrder.
+type Placed = Result<(Order, Placement), Error>;
+
 /// A queued PlaceOrder and where its answer goes.
-type Queued = (Job, oneshot::Sender<Result<(Order, Placement), Error>>);
+type Queued = (Job, oneshot::Sender<Placed>);
 
 /// A PlaceOrder's key, queued for the batch reader, and where its stored
 /// key (if any) goes.
@@ -75,16 +82,38 @@ fn key_id(account: &AccountId, key: ClientRequestId) -> KeyId {
 struct Job {
     account: AccountId,
     new: NewOrder,
-    now: Timestamp,
     ttl: Duration,
-    /// When its caller stops waiting for the write lock: its batch gives
-    /// up taking the lock by then too, so a caller told UNAVAILABLE for a
-    /// busy database was not written behind its back.
-    deadline: Instant,
+    /// When its caller stops waiting for the write lock. A batch waits for
+    /// the lock until the latest of its jobs' lock deadlines: one impatient
+    /// caller never fails its batch-mates.
+    lock_deadline: Instant,
+    /// Whether its write was sent: its batch takes it (after `begin
+    /// immediate`) only if its caller has not given up, and a caller that
+    /// gives up first is never written.
+    attempt: Arc<Attempt>,
 }
 
 fn closed() -> Error {
     Error::Unavailable { context: "placing an order", source: "the database writer has stopped".into() }
+}
+
+/// The answer of a job whose write lock was not taken in its lock wait, or
+/// whose caller gave up before its batch began: nothing was written.
+fn lock_not_taken() -> Error {
+    Error::Unavailable {
+        context: "waiting for the database writer",
+        source: "the write lock was not taken within the lock wait".into(),
+    }
+}
+
+/// How a batch failed.
+enum BatchFailure {
+    /// Before COMMIT, or a COMMIT SQLite refused whole: nothing of the
+    /// batch was committed.
+    NotWritten(Error),
+    /// The COMMIT failed otherwise (I/O error, disk full): its frames may
+    /// have reached the log, so the outcome is unknown.
+    AtCommit(sqlx::Error),
 }
 
 /// Runs `jobs` in one `begin immediate … commit`: one disk flush for the
@@ -93,72 +122,106 @@ fn closed() -> Error {
 /// alone; a database error rolls the whole batch back (nothing of it is
 /// committed, so every caller may retry with its key). Savepoints per job
 /// would add two statements per order for no gain: no refusal writes first.
-async fn run_batch(writer: &SqlitePool, jobs: Vec<Job>) -> Vec<Result<(Order, Placement), Error>> {
+async fn run_batch(writer: &SqlitePool, clock: &dyn Clock, jobs: Vec<Job>) -> Vec<Placed> {
     let n = jobs.len();
-    let Some(deadline) = jobs.iter().map(|job| job.deadline).min() else {
+    let Some(lock_deadline) = jobs.iter().map(|job| job.lock_deadline).max() else {
         return Vec::new();
     };
-    let mut conn = match tokio::time::timeout_at(deadline, writer.acquire()).await {
+    let mut conn = match tokio::time::timeout_at(lock_deadline, writer.acquire()).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return fail_all(db("beginning the order transaction")(e), n),
-        Err(elapsed) => {
-            let error =
-                Error::Unavailable { context: "waiting for the database writer", source: elapsed.into() };
-            return fail_all(error, n);
-        }
+        Err(_) => return fail_all(lock_not_taken(), n),
     };
-    match write_batch(&mut conn, deadline, jobs).await {
+    match write_batch(&mut conn, clock, lock_deadline, &jobs).await {
         Ok(results) => results,
-        Err(error) => {
+        Err(failure) => {
             // After a failed statement or COMMIT (disk full, file made
             // unwritable) SQLite may already have rolled back, and sqlx's own
             // rollback then fails and leaves the connection believing it is
             // still in a transaction, refusing every later BEGIN. Start the
             // next batch on a fresh connection instead.
             conn.close_on_drop();
-            fail_all(error, n)
+            match failure {
+                BatchFailure::NotWritten(error) => fail_all(error, n),
+                BatchFailure::AtCommit(error) => {
+                    tracing::warn!(%error, orders = n, "the batch's COMMIT failed; its outcome is unknown");
+                    jobs.iter()
+                        .map(|job| {
+                            if job.attempt.abandon() {
+                                return Err(lock_not_taken());
+                            }
+                            Err(Error::OutcomeUnknown {
+                                client_request_id: job.new.client_request_id,
+                                deadline: false,
+                                context: "committing the orders",
+                                source: format!("the batch's COMMIT failed: {error}").into(),
+                            })
+                        })
+                        .collect()
+                }
+            }
         }
     }
 }
 
-/// The batch's transaction on `conn`; any error means nothing was committed.
+/// The batch's transaction on `conn`; an error says what was committed.
+/// Only the jobs whose callers still wait once the lock is taken are
+/// written (each marked sent first); the others are answered "not written".
 async fn write_batch(
     conn: &mut SqliteConnection,
-    deadline: Instant,
-    jobs: Vec<Job>,
-) -> Result<Vec<Result<(Order, Placement), Error>>, Error> {
+    clock: &dyn Clock,
+    lock_deadline: Instant,
+    jobs: &[Job],
+) -> Result<Vec<Placed>, BatchFailure> {
     // Past the deadline the BEGIN is abandoned; if SQLite still takes the
     // lock afterwards, sqlx rolls that unacknowledged BEGIN back.
     let begin = sqlx::Connection::begin_with(conn, "begin immediate");
-    let mut tx = match tokio::time::timeout_at(deadline, begin).await {
-        Ok(tx) => tx.map_err(db("beginning the order transaction"))?,
-        Err(elapsed) => {
-            return Err(Error::Unavailable {
-                context: "waiting for the database writer",
-                source: elapsed.into(),
-            });
-        }
+    let mut tx = match tokio::time::timeout_at(lock_deadline, begin).await {
+        Ok(tx) => tx.map_err(|e| BatchFailure::NotWritten(db("beginning the order transaction")(e)))?,
+        Err(_) => return Err(BatchFailure::NotWritten(lock_not_taken())),
     };
-    let created = insert_new(&mut tx, &jobs).await?;
-    let mut results = Vec::with_capacity(jobs.len());
-    for (job, created) in jobs.into_iter().zip(created) {
+    // The lock is held: the time of every order of this batch is now, so
+    // creation times follow commit order, and expiry is decided at the write.
+    let now = clock.now();
+    let mut results: Vec<Placed> = jobs.iter().map(|_| Err(lock_not_taken())).collect();
+    let taken: Vec<usize> = (0..jobs.len()).filter(|&i| jobs[i].attempt.send()).collect();
+    if taken.is_empty() {
+        return Ok(results); // every caller gave up: roll back, nothing written
+    }
+    let batch: Vec<&Job> = taken.iter().map(|&i| &jobs[i]).collect();
+    let created = insert_new(&mut tx, &batch, now).await.map_err(BatchFailure::NotWritten)?;
+    for (&i, created) in taken.iter().zip(created) {
+        let job = &jobs[i];
         // A key the batch insert took is a new order, already written; any
         // other (a retry, a duplicate inside this batch, an expired key) runs
         // the ordinary flow, which now sees the batch's own rows.
         let placed = match created {
             Some(order) => Ok((order, Placement::Created)),
-            None => place::place(&mut *tx, &job.account, job.new, job.now, job.ttl).await,
+            None => {
+                let mut flow = SqliteTx { conn: &mut tx, now };
+                place::place(&mut flow, &job.account, job.new.clone(), job.ttl).await
+            }
         };
         match placed {
             // A refused key wrote nothing (the flow only reads after a
             // conflicting insert), so its batch-mates are untouched.
-            Ok(_) | Err(Error::KeyReused { .. }) => results.push(placed),
+            Ok(_) | Err(Error::KeyReused { .. } | Error::KeyInUse) => results[i] = placed,
             // A database error may have left a half-done order: roll the
             // whole batch back; every caller may retry with its key.
-            Err(error) => return Err(error),
+            Err(error) => return Err(BatchFailure::NotWritten(error)),
         }
     }
-    tx.commit().await.map_err(db("committing the orders"))?;
+    tx.commit().await.map_err(|error| {
+        // BUSY or LOCKED: SQLite kept the transaction open and committed
+        // nothing (sqlx rolls it back).
+        let refused_whole = matches!(&error, sqlx::Error::Database(e)
+            if e.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6)));
+        if refused_whole {
+            BatchFailure::NotWritten(db("committing the orders")(error))
+        } else {
+            BatchFailure::AtCommit(error)
+        }
+    })?;
     Ok(results)
 }
 
@@ -170,23 +233,37 @@ fn fail_all<T>(error: Error, n: usize) -> Vec<Result<T, Error>> {
 
 /// Inserts every job's key in one statement and, for the keys it took, every
 /// new order in a second: two statements per batch instead of two per order.
-/// Returns, per job, its created order, or `None` if its key already existed
-/// (then the ordinary flow decides: replay, refusal or expired reuse).
-async fn insert_new(tx: &mut SqliteConnection, jobs: &[Job]) -> Result<Vec<Option<Order>>, Error> {
+/// A key is taken unless it exists or an order placed with it is younger
+/// than its lifetime (see `place`). Returns, per job, its created order, or
+/// `None` if its key was not taken (then the ordinary flow decides: replay,
+/// refusal or expired reuse).
+async fn insert_new(
+    tx: &mut SqliteConnection,
+    jobs: &[&Job],
+    now: Timestamp,
+) -> Result<Vec<Option<Order>>, Error> {
     let ids: Vec<OrderId> = jobs.iter().map(|_| OrderId::generate()).collect();
     let mut keys = QueryBuilder::<Sqlite>::new(
         "insert into idempotency_keys \
-         (account_id, client_request_id, fingerprint, order_id, create_time, expire_time) ",
+         (account_id, client_request_id, fingerprint, order_id, create_time, expire_time) \
+         select column1, column2, column3, column4, column5, column6 from (",
     );
     keys.push_values(jobs.iter().zip(&ids), |mut row, (job, id)| {
         row.push_bind(job.account.as_str())
             .push_bind(job.new.client_request_id.to_string())
             .push_bind(job.new.fingerprint().0.to_vec())
             .push_bind(id.to_string())
-            .push_bind(job.now.as_micros())
-            .push_bind(job.now.add(job.ttl).as_micros());
+            .push_bind(now.as_micros())
+            .push_bind(now.add(job.ttl).as_micros())
+            .push_bind(now.sub(job.ttl).as_micros());
     });
-    keys.push(" on conflict (account_id, client_request_id) do nothing returning order_id");
+    keys.push(
+        ") as new where not exists (
+             select 1 from orders
+             where orders.account_id = new.column1 and orders.client_request_id = new.column2
+               and orders.create_time > new.column7)
+         on conflict (account_id, client_request_id) do nothing returning order_id",
+    );
     let taken: std::collections::HashSet<String> = keys
         .build_query_scalar::<String>()
         .fetch_all(&mut *tx)
@@ -198,9 +275,7 @@ async fn insert_new(tx: &mut SqliteConnection, jobs: &[Job]) -> Result<Vec<Optio
         .iter()
         .zip(&ids)
         .map(|(job, id)| {
-            taken
-                .contains(&id.to_string())
-                .then(|| job.new.clone().into_order(job.account.clone(), *id, job.now))
+            taken.contains(&id.to_string()).then(|| job.new.clone().into_order(job.account.clone(), *id, now))
         })
         .collect();
     let new_orders: Vec<&Order> = created.iter().flatten().collect();
@@ -239,30 +314,32 @@ fn same_failure(error: &Error) -> Error {
 /// The group-commit writer: takes the first waiting PlaceOrder, then every
 /// other one already waiting (up to `max_batch`), without waiting for more,
 /// and runs them as one batch. Ends when the store is dropped.
-async fn batch_writer(writer: SqlitePool, max_batch: usize, mut queue: mpsc::Receiver<Queued>) {
+async fn batch_writer(
+    writer: SqlitePool,
+    clock: Arc<dyn Clock>,
+    max_batch: usize,
+    mut queue: mpsc::Receiver<Queued>,
+) {
     let mut waiting = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut waiting, max_batch).await > 0 {
-        // A caller that gave up while queued, or whose deadline passed
-        // there, is told UNAVAILABLE (if it still listens); its order is not
-        // placed now.
+        // A caller that gave up while queued, or whose lock wait passed
+        // there, is told so (if it still listens); its order is never placed.
         let now = Instant::now();
         let (jobs, replies): (Vec<_>, Vec<_>) = waiting
             .drain(..)
-            .filter_map(|(job, reply)| {
-                if job.deadline > now && !reply.is_closed() {
+            .filter_map(|(job, reply): Queued| {
+                if job.lock_deadline > now && !reply.is_closed() {
                     return Some((job, reply));
                 }
-                let _ = reply.send(Err(Error::Unavailable {
-                    context: "waiting for the database writer",
-                    source: "the deadline passed in the queue".into(),
-                }));
+                job.attempt.abandon();
+                let _ = reply.send(Err(lock_not_taken()));
                 None
             })
             .unzip();
         if jobs.is_empty() {
             continue;
         }
-        let results = run_batch(&writer, jobs).await;
+        let results = run_batch(&writer, clock.as_ref(), jobs).await;
         for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have given up (deadline): its order still stands.
             let _ = reply.send(result);
@@ -274,7 +351,12 @@ async fn batch_writer(writer: SqlitePool, max_batch: usize, mut queue: mpsc::Rec
 /// one already waiting (up to `max_batch`), and answers them all with one
 /// query: one trip to a reader connection's worker thread (and one release
 /// ping) for the batch instead of one each. Ends when the store is dropped.
-async fn batch_reader(reader: SqlitePool, max_batch: usize, mut queue: mpsc::Receiver<Lookup>) {
+async fn batch_reader(
+    reader: SqlitePool,
+    clock: Arc<dyn Clock>,
+    max_batch: usize,
+    mut queue: mpsc::Receiver<Lookup>,
+) {
     let mut waiting = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut waiting, max_batch).await > 0 {
         let (keys, replies): (Vec<_>, Vec<_>) =
@@ -283,7 +365,7 @@ async fn batch_reader(reader: SqlitePool, max_batch: usize, mut queue: mpsc::Rec
             continue;
         }
         let found = match reader.acquire().await {
-            Ok(mut conn) => read_keys(&mut conn, &keys).await,
+            Ok(mut conn) => read_keys(&mut conn, &keys, clock.now()).await,
             Err(e) => Err(db("reading the idempotency key")(e)),
         };
         let results = match found {
@@ -297,10 +379,12 @@ async fn batch_reader(reader: SqlitePool, max_batch: usize, mut queue: mpsc::Rec
     }
 }
 
-/// The stored keys (each joined with its order) among `keys`, in one query.
+/// The stored keys (each joined with its order) among `keys`, in one query,
+/// live if unexpired at `now`.
 async fn read_keys(
     conn: &mut SqliteConnection,
     keys: &[KeyId],
+    now: Timestamp,
 ) -> Result<std::collections::HashMap<KeyId, StoredKey>, Error> {
     if keys.is_empty() {
         return Ok(std::collections::HashMap::new());
@@ -333,8 +417,8 @@ async fn read_keys(
         .map(|row| {
             let key = (row.key_account_id, row.key_client_request_id);
             let stored = StoredKey {
-                fingerprint: row.key_fingerprint,
-                expire_time: Timestamp::from_micros(row.key_expire_time),
+                fingerprint: Some(row.key_fingerprint),
+                live: row.key_expire_time > now.as_micros(),
                 order: row.order.try_into()?,
             };
             Ok((key, stored))
@@ -386,26 +470,27 @@ impl SqliteStore {
             .connect_with(connect.read_only(true))
             .await?;
         let batching = options.sqlite_max_batch > 1;
+        let clock = options.clock.clone();
         let batcher = batching.then(|| {
             let (queue, jobs) = mpsc::channel(options.sqlite_max_batch * 4);
-            tokio::spawn(batch_writer(writer.clone(), options.sqlite_max_batch, jobs));
+            tokio::spawn(batch_writer(writer.clone(), clock.clone(), options.sqlite_max_batch, jobs));
             queue
         });
         let lookups = batching.then(|| {
             let (queue, lookups) = mpsc::channel(options.sqlite_max_batch * 4);
-            tokio::spawn(batch_reader(reader.clone(), options.sqlite_max_batch, lookups));
+            tokio::spawn(batch_reader(reader.clone(), clock.clone(), options.sqlite_max_batch, lookups));
             queue
         });
-        Ok(Self { writer, reader, batcher, lookups })
+        Ok(Self { writer, reader, clock, batcher, lookups })
     }
 
     pub(super) async fn place_order(
         &self,
         account: &AccountId,
         new: NewOrder,
-        now: Timestamp,
         ttl: Duration,
         lock_wait: Duration,
+        attempt: &Arc<Attempt>,
     ) -> Result<(Order, Placement), Error> {
         // A retry of a committed order needs no write lock: answer it from a
         // reader, beside the writer.
@@ -417,33 +502,41 @@ impl SqliteStore {
             }
             None => {
                 let mut reader = self.reader.acquire().await.map_err(db("reading the idempotency key"))?;
-                reader.read_key(account, new.client_request_id).await?
+                let key = key_id(account, new.client_request_id);
+                read_keys(&mut reader, std::slice::from_ref(&key), self.clock.now()).await?.remove(&key)
             }
         };
-        if let Some(replayed) = place::replay(stored, &new, now)? {
+        if let Some(replayed) = place::replay(stored, &new)? {
             return Ok(replayed);
         }
-        let deadline = Instant::now() + lock_wait;
-        let job = Job { account: account.clone(), new, now, ttl, deadline };
-        match &self.batcher {
-            Some(batcher) => {
-                let (reply, answer) = oneshot::channel();
-                let waiting = async {
-                    batcher.send((job, reply)).await.map_err(|_| closed())?;
-                    answer.await.map_err(|_| closed())?
-                };
-                match tokio::time::timeout_at(deadline, waiting).await {
-                    Ok(result) => result,
-                    Err(elapsed) => Err(Error::Unavailable {
-                        context: "waiting for the database writer",
-                        source: elapsed.into(),
-                    }),
-                }
+        let key = new.client_request_id;
+        let lock_deadline = Instant::now() + lock_wait;
+        let job = Job { account: account.clone(), new, ttl, lock_deadline, attempt: attempt.clone() };
+        let Some(batcher) = &self.batcher else {
+            let mut results = run_batch(&self.writer, self.clock.as_ref(), vec![job]).await;
+            return results.pop().unwrap_or_else(|| Err(closed()));
+        };
+        let (reply, answer) = oneshot::channel();
+        batcher.send((job, reply)).await.map_err(|_| closed())?;
+        let mut answer = std::pin::pin!(answer);
+        let gone = |attempt: &Attempt| {
+            if attempt.abandon() {
+                return closed();
             }
-            None => {
-                let mut results = run_batch(&self.writer, vec![job]).await;
-                results.pop().unwrap_or_else(|| Err(closed()))
+            Error::OutcomeUnknown {
+                client_request_id: key,
+                deadline: false,
+                context: "waiting for the database writer",
+                source: "the database writer stopped with the batch begun".into(),
             }
+        };
+        match tokio::time::timeout_at(lock_deadline, &mut answer).await {
+            Ok(result) => result.unwrap_or_else(|_| Err(gone(attempt))),
+            // The lock wait passed before the batch began: never written.
+            Err(_) if attempt.abandon() => Err(lock_not_taken()),
+            // The batch has begun: its answer comes with its commit, or the
+            // caller's deadline cuts the wait (outcome unknown).
+            Err(_) => answer.await.unwrap_or_else(|_| Err(gone(attempt))),
         }
     }
 
@@ -465,8 +558,8 @@ impl SqliteStore {
         &self,
         account: &AccountId,
         key: ClientRequestId,
-        now: Timestamp,
     ) -> Result<Order, Error> {
+        let now = self.clock.now();
         let live: Option<OrderRow> = sqlx::query_as(concat!(
             "select ",
             order_columns!(),
@@ -535,8 +628,8 @@ impl SqliteStore {
         &self,
         account: &AccountId,
         id: OrderId,
-        now: Timestamp,
     ) -> Result<(Order, bool), Error> {
+        let now = self.clock.now();
         let canceled: Option<OrderRow> = sqlx::query_as(concat!(
             r"update orders set status = 'CANCELED', update_time = max(?, create_time)
               where order_id = ? and account_id = ? and status = 'NEW'
@@ -556,7 +649,8 @@ impl SqliteStore {
         }
     }
 
-    pub(super) async fn purge_expired_keys(&self, now: Timestamp, limit: u32) -> Result<u64, Error> {
+    pub(super) async fn purge_expired_keys(&self, limit: u32) -> Result<u64, Error> {
+        let now = self.clock.now();
         let result = sqlx::query(
             r"delete from idempotency_keys
               where (account_id, client_request_id) in (
@@ -604,40 +698,76 @@ impl SqliteStore {
     }
 }
 
-impl PlaceTx for SqliteConnection {
-    async fn insert_key_and_order(&mut self, key: &KeyRecord<'_>, order: &Order) -> Result<bool, Error> {
+/// The PlaceOrder statements inside a batch's transaction, at the batch's
+/// time (read under the write lock).
+struct SqliteTx<'c> {
+    conn: &'c mut SqliteConnection,
+    now: Timestamp,
+}
+
+impl PlaceTx for SqliteTx<'_> {
+    async fn insert_key_and_order(
+        &mut self,
+        key: &KeyRecord<'_>,
+        order: &Order,
+    ) -> Result<Option<Timestamp>, Error> {
+        let now = self.now;
         let result = sqlx::query(
             r"insert into idempotency_keys
                   (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
-              values (?, ?, ?, ?, ?, ?)
+              select ?, ?, ?, ?, ?, ?
+              where not exists (
+                  select 1 from orders
+                  where account_id = ? and client_request_id = ? and create_time > ?)
               on conflict (account_id, client_request_id) do nothing",
         )
         .bind(key.account_id.as_str())
         .bind(key.client_request_id.to_string())
         .bind(&key.fingerprint.0[..])
         .bind(key.order_id.to_string())
-        .bind(key.create_time.as_micros())
-        .bind(key.expire_time.as_micros())
-        .execute(&mut *self)
+        .bind(now.as_micros())
+        .bind(now.add(key.ttl).as_micros())
+        .bind(key.account_id.as_str())
+        .bind(key.client_request_id.to_string())
+        .bind(now.sub(key.ttl).as_micros())
+        .execute(&mut *self.conn)
         .await
         .map_err(db("inserting the idempotency key"))?;
         if result.rows_affected() == 0 {
-            return Ok(false);
+            return Ok(None);
         }
-        self.insert_order(order).await?;
-        Ok(true)
+        self.insert_order(&place::stamped(order.clone(), now)).await?;
+        Ok(Some(now))
     }
 
     async fn read_key(
         &mut self,
         account: &AccountId,
         key: ClientRequestId,
+        ttl: Duration,
     ) -> Result<Option<StoredKey>, Error> {
-        let key = key_id(account, key);
-        Ok(read_keys(self, std::slice::from_ref(&key)).await?.remove(&key))
+        let id = key_id(account, key);
+        if let Some(stored) = read_keys(self.conn, std::slice::from_ref(&id), self.now).await?.remove(&id) {
+            return Ok(Some(stored));
+        }
+        // No key row (purged): an order younger than the lifetime still binds.
+        let recent: Option<OrderRow> = sqlx::query_as(concat!(
+            "select ",
+            order_columns!(),
+            r" from orders where account_id = ? and client_request_id = ? and create_time > ?
+               order by create_time desc, order_id desc limit 1"
+        ))
+        .bind(account.as_str())
+        .bind(key.to_string())
+        .bind(self.now.sub(ttl).as_micros())
+        .fetch_optional(&mut *self.conn)
+        .await
+        .map_err(db("reading the recent order of a key"))?;
+        recent.map(|row| Ok(StoredKey { fingerprint: None, live: true, order: row.try_into()? })).transpose()
     }
 
-    async fn replace_expired_key(&mut self, key: &KeyRecord<'_>) -> Result<bool, Error> {
+    async fn replace_expired_key(&mut self, key: &KeyRecord<'_>) -> Result<Option<Timestamp>, Error> {
+        let now = self.now;
         let result = sqlx::query(
             r"update idempotency_keys
               set fingerprint = ?, order_id = ?, create_time = ?, expire_time = ?
@@ -645,15 +775,15 @@ impl PlaceTx for SqliteConnection {
         )
         .bind(&key.fingerprint.0[..])
         .bind(key.order_id.to_string())
-        .bind(key.create_time.as_micros())
-        .bind(key.expire_time.as_micros())
+        .bind(now.as_micros())
+        .bind(now.add(key.ttl).as_micros())
         .bind(key.account_id.as_str())
         .bind(key.client_request_id.to_string())
-        .bind(key.create_time.as_micros())
-        .execute(&mut *self)
+        .bind(now.as_micros())
+        .execute(&mut *self.conn)
         .await
         .map_err(db("replacing the expired idempotency key"))?;
-        Ok(result.rows_affected() == 1)
+        Ok((result.rows_affected() == 1).then_some(now))
     }
 
     async fn insert_order(&mut self, order: &Order) -> Result<(), Error> {
@@ -674,7 +804,7 @@ impl PlaceTx for SqliteConnection {
         .bind(order.status.as_str())
         .bind(order.create_time.as_micros())
         .bind(order.update_time.as_micros())
-        .execute(&mut *self)
+        .execute(&mut *self.conn)
         .await
         .map_err(db("inserting the order"))?;
         Ok(())
@@ -790,14 +920,18 @@ mod tests {
             lock_timeout: wait,
             acquire_timeout: wait,
             sqlite_max_batch: 1,
+            ..StoreOptions::default()
         };
         let store = SqliteStore::connect(&url, &options).await.unwrap();
         let (alice, bob) = (AccountId::new("alice"), AccountId::new("bob"));
         let shared = ClientRequestId::parse("0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a01").unwrap();
         let absent = ClientRequestId::parse("0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a02").unwrap();
-        let now = Timestamp::from_micros(1_000_000);
-        let (for_alice, _) = store.place_order(&alice, order(shared, "AAPL"), now, wait, wait).await.unwrap();
-        let (for_bob, _) = store.place_order(&bob, order(shared, "MSFT"), now, wait, wait).await.unwrap();
+        let place = |account: &AccountId, new: NewOrder| {
+            let (store, account) = (store.clone(), account.clone());
+            async move { store.place_order(&account, new, wait, wait, &Arc::default()).await.unwrap() }
+        };
+        let (for_alice, _) = place(&alice, order(shared, "AAPL")).await;
+        let (for_bob, _) = place(&bob, order(shared, "MSFT")).await;
 
         // Five keys: the query pads them to eight.
         let wanted = [
@@ -808,11 +942,12 @@ mod tests {
             key_id(&bob, absent),
         ];
         let mut conn = store.reader.acquire().await.unwrap();
-        let found = read_keys(&mut conn, &wanted).await.unwrap();
+        let found = read_keys(&mut conn, &wanted, store.clock.now()).await.unwrap();
         assert_eq!(found.len(), 2);
         assert_eq!(found[&wanted[0]].order, for_alice);
         assert_eq!(found[&wanted[1]].order, for_bob);
-        assert_eq!(found[&wanted[0]].fingerprint, order(shared, "AAPL").fingerprint().0.to_vec());
+        assert_eq!(found[&wanted[0]].fingerprint, Some(order(shared, "AAPL").fingerprint().0.to_vec()));
+        assert!(found[&wanted[0]].live && found[&wanted[1]].live);
         assert!(!found.contains_key(&wanted[2]) && !found.contains_key(&wanted[4]));
     }
 
@@ -829,24 +964,25 @@ mod tests {
             lock_timeout: wait,
             acquire_timeout: wait,
             sqlite_max_batch: max,
+            ..StoreOptions::default()
         };
         let store = SqliteStore::connect(&url, &options).await.unwrap();
         let account = AccountId::new("alice");
-        let now = Timestamp::from_micros(1_000_000);
-        let deadline = Instant::now() + wait;
+        let lock_deadline = Instant::now() + wait;
         let jobs: Vec<Job> = (0..max)
             .map(|i| {
                 let key = ClientRequestId::parse(&format!("00000000-0000-4000-8000-{i:012}")).unwrap();
-                Job { account: account.clone(), new: order(key, "AAPL"), now, ttl: wait, deadline }
+                let attempt = Arc::default();
+                Job { account: account.clone(), new: order(key, "AAPL"), ttl: wait, lock_deadline, attempt }
             })
             .collect();
         let keys: Vec<KeyId> = jobs.iter().map(|job| key_id(&account, job.new.client_request_id)).collect();
-        let results = run_batch(&store.writer, jobs).await;
+        let results = run_batch(&store.writer, store.clock.as_ref(), jobs).await;
         assert_eq!(results.len(), max);
         for result in results {
             assert_eq!(result.expect("placed").1, Placement::Created);
         }
         let mut conn = store.reader.acquire().await.unwrap();
-        assert_eq!(read_keys(&mut conn, &keys).await.unwrap().len(), max);
+        assert_eq!(read_keys(&mut conn, &keys, store.clock.now()).await.unwrap().len(), max);
     }
 }

@@ -16,11 +16,11 @@ async fn an_expired_key_places_a_new_order_and_the_key_points_to_it(engine: Engi
     let key = new_key();
     let first = app.client.place_order(limit_order(&key)).await.unwrap().into_inner().order.unwrap();
 
-    app.clock.advance(23 * HOUR);
+    app.age(23 * HOUR).await;
     let replay = app.client.place_order(limit_order(&key)).await.unwrap().into_inner();
     assert!(replay.replayed, "a key younger than its lifetime replays");
 
-    app.clock.advance(HOUR);
+    app.age(HOUR).await;
     let mut other = limit_order(&key);
     other.quantity = "99".into(); // any payload: the old key no longer binds
     let second = app.client.place_order(other).await.unwrap().into_inner();
@@ -43,9 +43,9 @@ async fn the_lifetime_is_configurable(engine: Engine) {
     let mut app = spawn_app_with(engine, |c| c.idempotency_ttl = Duration::from_secs(90)).await;
     let key = new_key();
     app.client.place_order(limit_order(&key)).await.unwrap();
-    app.clock.advance(Duration::from_secs(89));
+    app.age(Duration::from_secs(88)).await;
     assert!(app.client.place_order(limit_order(&key)).await.unwrap().into_inner().replayed);
-    app.clock.advance(Duration::from_secs(1));
+    app.age(Duration::from_secs(2)).await;
     assert!(!app.client.place_order(limit_order(&key)).await.unwrap().into_inner().replayed);
 }
 
@@ -55,18 +55,18 @@ async fn the_purge_removes_expired_keys_only_in_batches_and_keeps_orders(engine:
     for key in &old_keys {
         app.client.place_order(limit_order(key)).await.unwrap();
     }
-    app.clock.advance(12 * HOUR);
+    app.age(12 * HOUR).await;
     let young = new_key();
     app.client.place_order(limit_order(&young)).await.unwrap();
-    app.clock.advance(12 * HOUR); // the first five are now exactly 24 h old
+    app.age(12 * HOUR).await; // the first five are now 24 h old
 
-    let purged = purge::purge_expired(&app.store, app.clock.as_ref(), 2).await.unwrap();
+    let purged = purge::purge_expired(&app.store, 2).await.unwrap();
     assert_eq!(purged, 5);
     assert_eq!(app.count("idempotency_keys").await, 1);
     assert_eq!(app.count("orders").await, 6);
     let left = app.db().await.strings("select cast(client_request_id as text) from idempotency_keys").await;
     assert_eq!(left, [young]);
-    assert_eq!(purge::purge_expired(&app.store, app.clock.as_ref(), 2).await.unwrap(), 0);
+    assert_eq!(purge::purge_expired(&app.store, 2).await.unwrap(), 0);
 
     // A purged key's orders can still be found by the key.
     let by_key = GetOrderRequest { lookup: Some(Lookup::ClientRequestId(old_keys[0].clone())) };

@@ -189,12 +189,35 @@ pub async fn spawn_app_with(engine: Engine, configure: impl FnOnce(&mut Config))
 /// Three servers started at once on one fresh database, as replicas of one
 /// deployment are (they race to migrate it).
 pub async fn spawn_replicas(engine: Engine) -> [TestApp; 3] {
-    let database = TestDatabase::new(engine).await;
-    let config = test_config(&database);
     let clock = Arc::new(ManualClock::new());
-    let start = || start(engine, config.clone(), database.clone(), clock.clone());
-    let (a, b, c) = tokio::join!(start(), start(), start());
-    [a, b, c]
+    let servers = spawn_servers(engine, |_| {}, vec![clock.clone(), clock.clone(), clock]).await;
+    servers.try_into().unwrap_or_else(|_| unreachable!("three clocks, three servers"))
+}
+
+/// Servers started at once on one fresh database, with `configure` applied
+/// to their config, one per clock.
+pub async fn spawn_servers(
+    engine: Engine,
+    configure: impl FnOnce(&mut Config),
+    clocks: Vec<Arc<ManualClock>>,
+) -> Vec<TestApp> {
+    let database = TestDatabase::new(engine).await;
+    let mut config = test_config(&database);
+    configure(&mut config);
+    let starts = clocks.into_iter().map(|clock| start(engine, config.clone(), database.clone(), clock));
+    futures_join_all(starts).await
+}
+
+/// Runs `futures` at once; their outputs in order.
+async fn futures_join_all<T: Send + 'static>(
+    futures: impl IntoIterator<Item = impl Future<Output = T> + Send + 'static>,
+) -> Vec<T> {
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::new();
+    for handle in handles {
+        outputs.push(handle.await.expect("task"));
+    }
+    outputs
 }
 
 async fn start(
@@ -256,6 +279,26 @@ impl TestApp {
     /// A direct connection to the server's database.
     pub async fn db(&self) -> Db {
         Db::connect(&self.config.database_url).await
+    }
+
+    /// Makes every key and order `by` older, as if that much time had
+    /// passed, on either engine: Postgres reads the database server's clock,
+    /// which a test cannot move, so the rows move instead.
+    pub async fn age(&self, by: std::time::Duration) {
+        let micros = by.as_micros();
+        let sql = match self.engine {
+            Engine::Sqlite => format!(
+                "update idempotency_keys set create_time = create_time - {micros}, expire_time = expire_time - {micros};
+                 update orders set create_time = create_time - {micros}, update_time = update_time - {micros};"
+            ),
+            Engine::Postgres => format!(
+                "update idempotency_keys set create_time = create_time - interval '{micros} microseconds',
+                     expire_time = expire_time - interval '{micros} microseconds';
+                 update orders set create_time = create_time - interval '{micros} microseconds',
+                     update_time = update_time - interval '{micros} microseconds';"
+            ),
+        };
+        self.db().await.execute(&sql).await;
     }
 
     /// How many rows `table` holds.

@@ -1,0 +1,458 @@
+//! Exactly-once at the edges: callers' deadlines inside a group-commit
+//! batch, locks held by someone else, a key's last second, and replicas whose
+//! clocks disagree. Every answer is checked against the database afterwards:
+//! an answer that says nothing was written has no order for its key; an
+//! outcome-unknown answer may, and a replay of its key returns it.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use order_service::{
+    client::may_have_written,
+    clock::ManualClock,
+    proto::{PlaceOrderRequest, PlaceOrderResponse, order_service_client::OrderServiceClient},
+};
+use tokio::{sync::Notify, task::JoinSet, time::Instant};
+use tonic::{Code, Request, Status, transport::Channel};
+
+use crate::helpers::{
+    Engine, TestApp, channel, engine_tests, limit_order, new_key, postgres_tests, random_below, spawn_app,
+    spawn_servers,
+};
+
+/// What one PlaceOrder was told.
+#[derive(Debug, Clone)]
+enum Told {
+    /// The order, and whether it was a replay.
+    Placed { order_id: String, replayed: bool },
+    /// A failure that says nothing was written.
+    NotWritten(Code),
+    /// A failure that cannot say (the service's `OUTCOME_UNKNOWN`, or no
+    /// answer of the service's: the caller's own timer, which tonic's client
+    /// runs too and which answers `CANCELLED`, or a broken connection).
+    Unknown(Code),
+    /// The caller cancelled the call and never learned the outcome.
+    Abandoned,
+}
+
+fn told(result: Result<tonic::Response<PlaceOrderResponse>, Status>) -> Told {
+    match result {
+        Ok(response) => {
+            let response = response.into_inner();
+            Told::Placed { order_id: response.order.expect("an order").order_id, replayed: response.replayed }
+        }
+        Err(status) if may_have_written(&status) => Told::Unknown(status.code()),
+        Err(status) => Told::NotWritten(status.code()),
+    }
+}
+
+/// PlaceOrder of `req` with a deadline of `timeout` (sent as `grpc-timeout`;
+/// the test waits for the server's answer however late it comes).
+async fn place_within(
+    client: &mut OrderServiceClient<Channel>,
+    req: PlaceOrderRequest,
+    timeout: Duration,
+) -> Told {
+    let mut request = Request::new(req);
+    request.set_timeout(timeout);
+    told(client.place_order(request).await)
+}
+
+/// A PlaceOrder its caller cancels (drops) after `after`: it never learns
+/// the outcome.
+async fn place_and_cancel(
+    client: &mut OrderServiceClient<Channel>,
+    req: PlaceOrderRequest,
+    after: Duration,
+) -> Told {
+    match tokio::time::timeout(after, client.place_order(req)).await {
+        Ok(result) => told(result),
+        Err(_) => Told::Abandoned,
+    }
+}
+
+/// Every order in the database, by its key: (order id, create time in µs).
+async fn orders_by_key(app: &TestApp) -> HashMap<String, Vec<(String, i64)>> {
+    let micros = match app.engine {
+        Engine::Sqlite => "create_time",
+        Engine::Postgres => "cast(extract(epoch from create_time) * 1000000 as bigint)",
+    };
+    let rows = app
+        .db()
+        .await
+        .strings(&format!(
+            "select cast(client_request_id as text) || ' ' || cast(order_id as text) || ' ' || \
+             cast({micros} as text) from orders"
+        ))
+        .await;
+    let mut by_key: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+    for row in rows {
+        let mut parts = row.split(' ');
+        let (key, id, at) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        by_key.entry(key.to_owned()).or_default().push((id.to_owned(), at.parse().unwrap()));
+    }
+    by_key
+}
+
+/// What the answers were, checked against the database.
+#[derive(Debug, Default)]
+struct Tally {
+    placed: usize,
+    not_written: usize,
+    unknown: usize,
+    /// "Not written" answers whose key has an order: must be 0.
+    not_written_with_order: usize,
+    /// Outcome-unknown answers whose key had an order (the replay returned it).
+    unknown_with_order: usize,
+    codes: HashMap<String, usize>,
+}
+
+/// Checks each call's answer (one key per call) against the database, then
+/// replays every outcome-unknown key with a patient call: it returns the
+/// order the key placed, or places it now, and afterwards the key has
+/// exactly one order. No key ever has two.
+async fn check_against_database(app: &TestApp, answers: &[(String, Told)]) -> Tally {
+    let stored = orders_by_key(app).await;
+    let mut tally = Tally::default();
+    let mut client = app.client.clone();
+    for (key, told) in answers {
+        let orders = stored.get(key).map(Vec::as_slice).unwrap_or_default();
+        assert!(orders.len() <= 1, "key {key} has {} orders", orders.len());
+        match told {
+            Told::Placed { order_id, .. } => {
+                tally.placed += 1;
+                assert_eq!(
+                    orders.first().map(|o| &o.0),
+                    Some(order_id),
+                    "acknowledged order of {key} is stored"
+                );
+            }
+            Told::NotWritten(code) => {
+                tally.not_written += 1;
+                *tally.codes.entry(format!("not written {code:?}")).or_default() += 1;
+                if !orders.is_empty() {
+                    tally.not_written_with_order += 1;
+                }
+            }
+            Told::Unknown(_) | Told::Abandoned => {
+                let what = match told {
+                    Told::Unknown(code) => format!("unknown {code:?}"),
+                    _ => "cancelled by the caller".to_owned(),
+                };
+                tally.unknown += 1;
+                *tally.codes.entry(what).or_default() += 1;
+                let replay = place_within(&mut client, limit_order(key), Duration::from_secs(10)).await;
+                let Told::Placed { order_id, replayed, .. } = replay else {
+                    panic!("a patient replay of {key} fails: {replay:?}");
+                };
+                if let Some((stored_id, _)) = orders.first() {
+                    tally.unknown_with_order += 1;
+                    assert!(replayed, "{key}: the replay returns the order written before");
+                    assert_eq!(&order_id, stored_id);
+                } else {
+                    assert!(!replayed, "{key}: nothing was stored, so the replay places it");
+                }
+            }
+        }
+    }
+    let after = orders_by_key(app).await;
+    for (key, told) in answers {
+        let n = after.get(key).map_or(0, Vec::len);
+        let expected = usize::from(!matches!(told, Told::NotWritten(_)));
+        assert_eq!(n, expected, "{key} ({told:?}) has {n} orders");
+    }
+    tally
+}
+
+/// Patient callers (10 s deadlines) beside impatient ones (a few ms) and
+/// callers who cancel: no patient caller fails, and every answer is true.
+async fn one_callers_deadline_never_fails_another_and_every_answer_is_true(engine: Engine) {
+    let app = spawn_app(engine).await;
+    const PATIENT: usize = 24;
+    const EACH: usize = 25;
+    let patients_done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..PATIENT {
+        let (mut client, done) = (OrderServiceClient::new(channel(app.addr).await), patients_done.clone());
+        tasks.spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..EACH {
+                let key = new_key();
+                answers.push((
+                    true,
+                    key.clone(),
+                    place_within(&mut client, limit_order(&key), Duration::from_secs(10)).await,
+                ));
+            }
+            done.fetch_add(1, Ordering::SeqCst);
+            answers
+        });
+    }
+    for caller in 0..6 {
+        let (mut client, done) = (OrderServiceClient::new(channel(app.addr).await), patients_done.clone());
+        tasks.spawn(async move {
+            let mut answers = Vec::new();
+            // Bounded: at most 5,000 calls, and only while patient calls run.
+            for _ in 0..5_000 {
+                if done.load(Ordering::SeqCst) == PATIENT {
+                    break;
+                }
+                let key = new_key();
+                let wait = Duration::from_micros(1_000 + random_below(7_000) as u64);
+                let answer = if caller < 4 {
+                    place_within(&mut client, limit_order(&key), wait).await
+                } else {
+                    place_and_cancel(&mut client, limit_order(&key), wait).await
+                };
+                answers.push((false, key, answer));
+            }
+            answers
+        });
+    }
+    let answers: Vec<(bool, String, Told)> = tasks.join_all().await.into_iter().flatten().collect();
+    let failures: Vec<_> = answers
+        .iter()
+        .filter(|(patient, _, told)| *patient && !matches!(told, Told::Placed { .. }))
+        .map(|(_, key, told)| format!("{key}: {told:?}"))
+        .collect();
+    let patient_failed = failures.len();
+    let keyed: Vec<(String, Told)> = answers.into_iter().map(|(_, key, told)| (key, told)).collect();
+    let tally = check_against_database(&app, &keyed).await;
+    println!(
+        "mixed deadlines ({engine:?}): calls={} patient={} patient_failed={patient_failed} {tally:?}",
+        keyed.len(),
+        PATIENT * EACH
+    );
+    assert_eq!(patient_failed, 0, "patient callers failed: {:?}", &failures[..failures.len().min(3)]);
+    assert_eq!(tally.not_written_with_order, 0);
+}
+
+/// Callers with short deadlines while someone else holds what they need
+/// (SQLite: the write lock; Postgres: their keys, inserted by a transaction
+/// left open), and then lets go: every answer is true.
+async fn a_held_lock_fails_short_deadlines_truthfully_and_lets_go(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let keys: Vec<String> = (0..400).map(|_| new_key()).collect();
+    let holder = Holder::take(&app, &keys).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let half_answered = Arc::new(Notify::new());
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..8 {
+        let mut client = OrderServiceClient::new(channel(app.addr).await);
+        let (keys, next, answered, half) =
+            (keys.clone(), next.clone(), answered.clone(), half_answered.clone());
+        tasks.spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(key) = keys.get(i) else { return answers };
+                let wait = Duration::from_millis(20 + random_below(100) as u64);
+                answers.push((key.clone(), place_within(&mut client, limit_order(key), wait).await));
+                if answered.fetch_add(1, Ordering::SeqCst) + 1 == keys.len() / 2 {
+                    half.notify_one();
+                }
+            }
+        });
+    }
+    // Let go once half the calls were answered, while the others run.
+    half_answered.notified().await;
+    holder.release().await;
+    let answers: Vec<(String, Told)> = tasks.join_all().await.into_iter().flatten().collect();
+    let tally = check_against_database(&app, &answers).await;
+    println!("held lock ({engine:?}): calls={} {tally:?}", answers.len());
+    assert!(tally.not_written > 0, "the held lock refused some calls: {tally:?}");
+    assert!(tally.placed > 0, "calls after the release succeeded: {tally:?}");
+    assert_eq!(tally.not_written_with_order, 0);
+}
+
+/// Someone else's open transaction, holding the SQLite write lock or the
+/// Postgres keys.
+enum Holder {
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+    Postgres(sqlx::PgConnection),
+}
+
+impl Holder {
+    async fn take(app: &TestApp, keys: &[String]) -> Holder {
+        use sqlx::Connection;
+        match app.engine {
+            Engine::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&app.config.database_url).await.unwrap();
+                let mut conn = pool.acquire().await.unwrap();
+                sqlx::raw_sql("begin immediate").execute(&mut *conn).await.unwrap();
+                Holder::Sqlite(conn)
+            }
+            Engine::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&app.config.database_url).await.unwrap();
+                sqlx::raw_sql("begin").execute(&mut conn).await.unwrap();
+                for key in keys {
+                    sqlx::query(
+                        "insert into idempotency_keys values ('anonymous', $1::uuid, '\\x00', gen_random_uuid(), now(), now() + interval '1 day')",
+                    )
+                    .bind(key)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                }
+                Holder::Postgres(conn)
+            }
+        }
+    }
+
+    /// Rolls the transaction back: nothing of it was ever committed.
+    async fn release(self) {
+        match self {
+            Holder::Sqlite(mut conn) => sqlx::raw_sql("rollback").execute(&mut *conn).await.map(drop),
+            Holder::Postgres(mut conn) => sqlx::raw_sql("rollback").execute(&mut conn).await.map(drop),
+        }
+        .unwrap();
+    }
+}
+
+/// How long the key's-last-second tests retry (`ORDERS_EDGE_SECS`, 15 s).
+fn edge_duration() -> Duration {
+    let secs = std::env::var("ORDERS_EDGE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    Duration::from_secs(secs)
+}
+
+/// `servers` retry `keys` continuously (round robin) for `duration`; then
+/// no key has two orders less than `ttl` apart, and no acknowledged order is
+/// lost. Returns (placements, acknowledged orders, orders stored).
+async fn retry_keys_around_expiry(
+    servers: &[TestApp],
+    keys: usize,
+    ttl: Duration,
+    duration: Duration,
+) -> (usize, usize, usize) {
+    let mut tasks = JoinSet::new();
+    for k in 0..keys {
+        let mut clients = Vec::new();
+        for server in servers {
+            clients.push(OrderServiceClient::new(channel(server.addr).await));
+        }
+        tasks.spawn(async move {
+            let key = new_key();
+            let started = Instant::now();
+            let mut answers = Vec::new();
+            let mut i = k;
+            while started.elapsed() < duration {
+                i += 1;
+                let n = clients.len();
+                let client = &mut clients[i % n];
+                answers.push(place_within(client, limit_order(&key), Duration::from_secs(5)).await);
+            }
+            (key, answers)
+        });
+    }
+    let answers = tasks.join_all().await;
+    let stored = orders_by_key(&servers[0]).await;
+    let ttl_micros = i64::try_from(ttl.as_micros()).unwrap();
+    let (mut placements, mut acknowledged, mut close_pairs, mut orders) = (0, 0, 0, 0);
+    for (key, answers) in &answers {
+        let mut mine = stored.get(key).cloned().unwrap_or_default();
+        mine.sort_by_key(|(id, at)| (*at, id.clone()));
+        orders += mine.len();
+        for pair in mine.windows(2) {
+            if pair[1].1 - pair[0].1 < ttl_micros {
+                close_pairs += 1;
+                eprintln!(
+                    "{key}: orders {} and {} are {} µs apart",
+                    pair[0].0,
+                    pair[1].0,
+                    pair[1].1 - pair[0].1
+                );
+            }
+        }
+        for told in answers {
+            placements += 1;
+            match told {
+                Told::Placed { order_id, .. } => {
+                    acknowledged += 1;
+                    assert!(
+                        mine.iter().any(|(id, _)| id == order_id),
+                        "acknowledged order {order_id} of {key} lost"
+                    );
+                }
+                other => panic!("{key}: a patient retry failed: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(close_pairs, 0, "pairs of orders of one key closer than the lifetime");
+    (placements, acknowledged, orders)
+}
+
+/// Three servers on one database (for SQLite: one file, as processes
+/// sharing it are), a 1 s key lifetime, the purge every 100 ms on each: keys
+/// retried continuously around their expiry never get two orders less than
+/// the lifetime apart.
+async fn a_keys_last_second_never_places_a_second_order_too_soon(engine: Engine) {
+    let ttl = Duration::from_secs(1);
+    let clocks = (0..3).map(|_| Arc::new(ManualClock::running())).collect();
+    let servers = spawn_servers(
+        engine,
+        |c| {
+            c.idempotency_ttl = ttl;
+            c.purge_interval = Duration::from_millis(100);
+        },
+        clocks,
+    )
+    .await;
+    let (placements, acknowledged, orders) =
+        retry_keys_around_expiry(&servers, 6, ttl, edge_duration()).await;
+    println!(
+        "last second ({engine:?}): placements={placements} acknowledged={acknowledged} orders={orders} pairs_closer_than_ttl=0"
+    );
+    assert!(orders > 6, "keys expired and were placed again during the run: {orders} orders");
+}
+
+/// Two servers on one Postgres database, one with its clock five minutes
+/// ahead: expiry, replacement and purge follow the database's clock, so the
+/// fast one neither expires a live key nor purges it, and keys retried
+/// through both around expiry keep their lifetime.
+async fn replicas_whose_clocks_disagree_agree_on_every_key(engine: Engine) {
+    let ttl = Duration::from_secs(2);
+    let (right, ahead) = (Arc::new(ManualClock::running()), Arc::new(ManualClock::running()));
+    ahead.advance(Duration::from_secs(300));
+    let servers = spawn_servers(
+        engine,
+        |c| {
+            c.idempotency_ttl = ttl;
+            c.purge_interval = Duration::from_millis(100);
+        },
+        vec![right, ahead],
+    )
+    .await;
+    let key = new_key();
+    let mut on_right = servers[0].client.clone();
+    let mut on_ahead = servers[1].client.clone();
+    let first = on_right.place_order(limit_order(&key)).await.unwrap().into_inner();
+    let again = on_ahead.place_order(limit_order(&key)).await.unwrap().into_inner();
+    assert!(again.replayed, "the replica whose clock is ahead replays a live key");
+    assert_eq!(again.order.unwrap().order_id, first.order.unwrap().order_id);
+    assert_eq!(order_service::purge::purge_expired(&servers[1].store, 100).await.unwrap(), 0);
+    assert_eq!(servers[0].count("idempotency_keys").await, 1, "its purge spared the live key");
+
+    let duration = edge_duration().min(Duration::from_secs(8));
+    let (placements, acknowledged, orders) = retry_keys_around_expiry(&servers, 4, ttl, duration).await;
+    println!(
+        "skewed clocks: placements={placements} acknowledged={acknowledged} orders={orders} pairs_closer_than_ttl=0"
+    );
+}
+
+engine_tests!(
+    one_callers_deadline_never_fails_another_and_every_answer_is_true,
+    a_held_lock_fails_short_deadlines_truthfully_and_lets_go,
+    a_keys_last_second_never_places_a_second_order_too_soon,
+);
+
+mod skew {
+    use super::*;
+    postgres_tests!(replicas_whose_clocks_disagree_agree_on_every_key);
+}
