@@ -3,6 +3,14 @@
 //! Each variant's doc names the gRPC code it becomes. Causes of `UNAVAILABLE`
 //! and `INTERNAL` are logged here, with the span of the RPC as context, and
 //! replaced by an opaque message: callers never see SQL or stack traces.
+//!
+//! Every failure of PlaceOrder says one of two things, and only one variant
+//! says the second: *nothing was written, and nothing will be* (every
+//! variant but one), or *outcome unknown* ([`Error::OutcomeUnknown`], reason
+//! [`OUTCOME_UNKNOWN`]): the write was sent, or its batch had begun, and its
+//! outcome could not be waited for; the caller retries with the same
+//! `client_request_id` to learn it. A failure after the write was sent is
+//! never reported as "nothing was written".
 
 use std::{collections::HashMap, time::Duration};
 

@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 use tonic::{Code, codegen::http};
 
 /// PlaceOrder outcomes: created, replayed, key_reused, key_in_use,
-/// expired_reuse, invalid, unavailable, …
+/// expired_reuse, invalid, unavailable, deadline_exceeded (nothing written),
+/// outcome_unknown (the write was sent; the caller should retry to learn), …
 pub const PLACE_OUTCOMES: &str = "orders_place_outcomes_total";
 /// Finished RPCs (every service) by type, service, method and status code.
 pub const HANDLED: &str = "grpc_server_handled_total";

@@ -157,6 +157,18 @@ async fn orderctl_places_gets_lists_and_cancels_with_json_output(engine: Engine)
     let (code, health) = orderctl(&["health"]);
     assert_eq!((code, health["status"].as_str()), (Some(0), Some("SERVING")));
     assert_eq!(app.count("orders").await, 1);
+
+    // Every attempt's reply lost after its commit: the order may exist, so
+    // orderctl gives up with "outcome unknown" (exit 5) and the key, never
+    // "refused"; placing again with that key replays the one order.
+    let place = ["place", "--symbol", "MSFT", "--side", "sell", "--quantity", "1", "--type", "market"];
+    app.faults.lose_next_replies(RetryPolicy::default().max_attempts);
+    let (code, unknown) = orderctl(&place);
+    assert_eq!((code, unknown["outcome_unknown"].as_bool()), (Some(5), Some(true)), "{unknown}");
+    let key = unknown["client_request_id"].as_str().expect("the key to retry with").to_owned();
+    let (code, replay) = orderctl(&[&place[..], &["--key", &key]].concat());
+    assert_eq!((code, &replay["replayed"]), (Some(0), &true.into()), "{replay}");
+    assert_eq!(app.count("orders").await, 2);
 }
 
 #[tokio::test]

@@ -32,6 +32,9 @@ struct Seen {
     acknowledged: Vec<String>,
     /// Keys whose call failed, and how.
     failed: Vec<(String, Code)>,
+    /// Of those, the keys whose answer said nothing was written (the others
+    /// said the outcome is unknown).
+    not_written: Vec<String>,
     /// Calls with no answer within the deadline plus a margin.
     hung: usize,
 }
@@ -71,7 +74,12 @@ impl Load {
                             let mut seen = seen.lock().unwrap();
                             match answer {
                                 Ok(Ok(_)) => seen.acknowledged.push(key),
-                                Ok(Err(status)) => seen.failed.push((key, status.code())),
+                                Ok(Err(status)) => {
+                                    if !order_service::client::may_have_written(&status) {
+                                        seen.not_written.push(key.clone());
+                                    }
+                                    seen.failed.push((key, status.code()))
+                                }
                                 Err(_) => seen.hung += 1,
                             }
                         }
@@ -113,7 +121,13 @@ fn summary(seen: &Seen) -> String {
     for (_, code) in &seen.failed {
         *codes.entry(format!("{code:?}")).or_default() += 1;
     }
-    format!("acknowledged={} failed={codes:?} hung={}", seen.acknowledged.len(), seen.hung)
+    format!(
+        "acknowledged={} failed={codes:?} (not written {}, outcome unknown {}) hung={}",
+        seen.acknowledged.len(),
+        seen.not_written.len(),
+        seen.failed.len() - seen.not_written.len(),
+        seen.hung
+    )
 }
 
 /// Runs load through an outage that `begin` starts and `end` ends, and checks
@@ -145,6 +159,11 @@ async fn through_an_outage(app: &mut TestApp, begin: impl FnOnce(), end: impl Fn
     if app.engine == Engine::Sqlite {
         assert_eq!(db.strings("pragma integrity_check").await, ["ok"]);
     }
+    // An answer that said nothing was written is true.
+    let stored: std::collections::HashSet<String> =
+        db.strings("select cast(client_request_id as text) from orders").await.into_iter().collect();
+    let untrue: Vec<_> = seen.not_written.iter().filter(|key| stored.contains(*key)).collect();
+    assert!(untrue.is_empty(), "'not written' answers whose order exists: {untrue:?}");
     // Every acknowledged key replays its order; every refused key can be
     // retried now and ends in exactly one order.
     for key in &seen.acknowledged {
