@@ -448,18 +448,28 @@ impl PlaceTx for sqlx::PgConnection {
     }
 }
 
-/// A failure after the write was sent: unless the server answered it (a
-/// database error: the statement or commit failed, nothing was written), the
-/// connection broke with the outcome unknown.
+/// A failure after the write was sent: unless the server answered that the
+/// statement or COMMIT failed (an `ERROR`: the transaction is rolled back,
+/// nothing was written), the outcome is unknown. A connection that broke, or
+/// a `FATAL` (the backend terminated by an administrator, a failover or a
+/// crash), can come after the commit was made durable.
 fn unknown_unless_answered(error: Error, key: ClientRequestId) -> Error {
     let (context, source) = match error {
         Error::Unavailable { context, source } | Error::Internal { context, source } => (context, source),
         other => return other,
     };
-    let answered = matches!(
-        source.downcast_ref::<sqlx::Error>(),
-        Some(sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
-    );
+    let answered = match source.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(e)) => {
+            let dying = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_none_or(|e| {
+                matches!(e.severity(), sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic)
+            });
+            let connection_lost =
+                e.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P"));
+            !dying && !connection_lost
+        }
+        Some(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => true,
+        _ => false,
+    };
     if answered {
         return db_error_again(context, source);
     }

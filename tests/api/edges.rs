@@ -324,6 +324,48 @@ impl Holder {
     }
 }
 
+/// Postgres connections killed under the service while it writes
+/// (`pg_terminate_backend`, as a failover or a crashed backend would): a
+/// call whose connection broke after its write was sent answers
+/// `OUTCOME_UNKNOWN`, never "not written", and every answer is true.
+async fn connections_killed_mid_write_answer_truthfully(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let killer_db = app.db().await;
+    let next = Arc::new(AtomicUsize::new(0));
+    const CALLS: usize = 600;
+    let mut tasks = JoinSet::new();
+    for _ in 0..6 {
+        let mut client = OrderServiceClient::new(channel(app.addr).await);
+        let next = next.clone();
+        tasks.spawn(async move {
+            let mut answers = Vec::new();
+            while next.fetch_add(1, Ordering::SeqCst) < CALLS {
+                let key = new_key();
+                answers.push((
+                    key.clone(),
+                    place_within(&mut client, limit_order(&key), Duration::from_secs(5)).await,
+                ));
+            }
+            answers
+        });
+    }
+    // Kill the service's connections again and again while calls run.
+    let mut kills = 0;
+    while next.load(Ordering::SeqCst) < CALLS && kills < 200 {
+        killer_db
+            .execute("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'order-service'")
+            .await;
+        kills += 1;
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(random_below(20) as u64)).await;
+    }
+    let answers: Vec<(String, Told)> = tasks.join_all().await.into_iter().flatten().collect();
+    let tally = check_against_database(&app, &answers).await;
+    println!("connections killed ({engine:?}): kills={kills} calls={} {tally:?}", answers.len());
+    assert!(tally.placed > 0 && tally.not_written + tally.unknown > 0, "the kills cut some calls: {tally:?}");
+    assert_eq!(tally.not_written_with_order, 0);
+}
+
 /// How long the key's-last-second tests retry (`ORDERS_EDGE_SECS`, 15 s).
 fn edge_duration() -> Duration {
     let secs = std::env::var("ORDERS_EDGE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
@@ -460,7 +502,10 @@ engine_tests!(
     a_keys_last_second_never_places_a_second_order_too_soon,
 );
 
-mod skew {
+mod pg_only {
     use super::*;
-    postgres_tests!(replicas_whose_clocks_disagree_agree_on_every_key);
+    postgres_tests!(
+        replicas_whose_clocks_disagree_agree_on_every_key,
+        connections_killed_mid_write_answer_truthfully
+    );
 }
