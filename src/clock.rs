@@ -1,5 +1,7 @@
-//! Where the service reads the time: the system clock in production, a clock
-//! the caller moves in tests (key expiry is tested without waiting).
+//! Where the SQLite store reads the time: the system clock in production, a
+//! clock the caller moves in tests. (On Postgres every time is the database
+//! server's own clock, so replicas agree whatever their clocks say; tests
+//! age rows there instead.)
 
 use std::{
     fmt::Debug,

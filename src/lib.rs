@@ -22,7 +22,8 @@
 //! - [`store`]: the [`store::Store`] over SQLite or Postgres; all SQL lives there.
 //! - [`error`]: the one [`error::Error`] and its mapping to `tonic::Status`.
 //! - [`purge`]: the background purge of expired idempotency keys.
-//! - [`clock`]: where the time comes from (tests move it by hand).
+//! - [`clock`]: where SQLite's times come from (tests move it by hand);
+//!   Postgres reads the database server's clock.
 //! - [`client`]: the retrying client for Rust callers and `orderctl`.
 //! - [`bench`]: the closed-loop load generator behind `orderctl bench`.
 

@@ -33,6 +33,13 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most streams a caller may reset before the server accepted them, on one
+/// connection, before the server closes it (h2's "rapid reset" defence,
+/// 20 by default). Callers sharing one connection reset a stream whenever a
+/// deadline passes or a call is cancelled, so a few impatient callers on a
+/// busy server reached 20 and the GOAWAY killed their patient neighbours'
+/// calls. Still a bound, so a flood of resets cannot queue without end.
+const MAX_PENDING_ACCEPT_RESETS: usize = 1024;
 /// TCP keepalive on accepted connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -237,6 +244,7 @@ impl Application {
         let mut builder = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)
             .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .max_connection_age(config.max_connection_age)

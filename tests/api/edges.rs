@@ -179,15 +179,19 @@ async fn check_against_database(app: &TestApp, answers: &[(String, Told)]) -> Ta
 }
 
 /// Patient callers (10 s deadlines) beside impatient ones (a few ms) and
-/// callers who cancel: no patient caller fails, and every answer is true.
+/// callers who cancel, all on one connection: no patient caller fails, and
+/// every answer is true.
 async fn one_callers_deadline_never_fails_another_and_every_answer_is_true(engine: Engine) {
     let app = spawn_app(engine).await;
     const PATIENT: usize = 24;
     const EACH: usize = 25;
+    // One connection for every caller, as one process's gRPC client shares
+    // one: the impatient callers' resets land beside the patient calls.
+    let shared = channel(app.addr).await;
     let patients_done = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     for _ in 0..PATIENT {
-        let (mut client, done) = (OrderServiceClient::new(channel(app.addr).await), patients_done.clone());
+        let (mut client, done) = (OrderServiceClient::new(shared.clone()), patients_done.clone());
         tasks.spawn(async move {
             let mut answers = Vec::new();
             for _ in 0..EACH {
@@ -203,7 +207,7 @@ async fn one_callers_deadline_never_fails_another_and_every_answer_is_true(engin
         });
     }
     for caller in 0..6 {
-        let (mut client, done) = (OrderServiceClient::new(channel(app.addr).await), patients_done.clone());
+        let (mut client, done) = (OrderServiceClient::new(shared.clone()), patients_done.clone());
         tasks.spawn(async move {
             let mut answers = Vec::new();
             // Bounded: at most 5,000 calls, and only while patient calls run.
@@ -322,6 +326,39 @@ impl Holder {
         }
         .unwrap();
     }
+}
+
+/// Callers on one connection (as a process's gRPC client shares one) whose
+/// deadlines pass while the server is busy reset their streams before the
+/// server accepted them; many such resets must not make the server close
+/// the connection (HTTP/2's "too many resets" defence) and kill a patient
+/// caller's call on it.
+async fn impatient_resets_do_not_kill_a_patient_call_on_the_same_connection(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let shared = channel(app.addr).await;
+    let holder = Holder::take(&app, &[]).await;
+    let patient_key = new_key();
+    let mut patient_client = OrderServiceClient::new(shared.clone());
+    let patient = tokio::spawn({
+        let key = patient_key.clone();
+        async move { place_within(&mut patient_client, limit_order(&key), Duration::from_secs(20)).await }
+    });
+    let mut impatient = JoinSet::new();
+    for _ in 0..500 {
+        let mut client = OrderServiceClient::new(shared.clone());
+        impatient.spawn(async move {
+            let key = new_key();
+            let told = place_and_cancel(&mut client, limit_order(&key), Duration::from_millis(1)).await;
+            (key, told)
+        });
+    }
+    let mut answers = impatient.join_all().await;
+    holder.release().await;
+    let patient = patient.await.unwrap();
+    assert!(matches!(patient, Told::Placed { .. }), "the patient call on the shared connection: {patient:?}");
+    answers.push((patient_key, patient));
+    let tally = check_against_database(&app, &answers).await;
+    assert_eq!(tally.not_written_with_order, 0);
 }
 
 /// Postgres connections killed under the service while it writes
@@ -499,6 +536,7 @@ async fn replicas_whose_clocks_disagree_agree_on_every_key(engine: Engine) {
 engine_tests!(
     one_callers_deadline_never_fails_another_and_every_answer_is_true,
     a_held_lock_fails_short_deadlines_truthfully_and_lets_go,
+    impatient_resets_do_not_kill_a_patient_call_on_the_same_connection,
     a_keys_last_second_never_places_a_second_order_too_soon,
 );
 
