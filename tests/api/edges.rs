@@ -390,7 +390,10 @@ async fn connections_killed_mid_write_answer_truthfully(engine: Engine) {
     let mut kills = 0;
     while next.load(Ordering::SeqCst) < CALLS && kills < 200 {
         killer_db
-            .execute("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'order-service'")
+            .execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity
+                 where application_name = 'order-service' and datname = current_database()",
+            )
             .await;
         kills += 1;
         tokio::task::yield_now().await;

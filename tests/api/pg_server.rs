@@ -117,10 +117,11 @@ async fn calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_
     for attempt in 0..3 {
         let status = app.client.place_order(limit_order(&key)).await.expect_err("database down");
         assert_eq!(status.code(), Code::Unavailable, "attempt {attempt}: {status:?}");
-        assert_eq!(
-            status.get_error_details().error_info().expect("ErrorInfo").reason,
-            "DATASTORE_UNAVAILABLE"
-        );
+        // A pooled connection the stopping server sent its FATAL to reads it
+        // only when the write was sent: the service cannot tell that from a
+        // FATAL after a commit, so it may say the outcome is unknown.
+        let reason = status.get_error_details().error_info().expect("ErrorInfo").reason.clone();
+        assert!(["DATASTORE_UNAVAILABLE", "OUTCOME_UNKNOWN"].contains(&reason.as_str()), "{reason}");
     }
     let get = GetOrderRequest { lookup: Some(Lookup::ClientRequestId(before.clone())) };
     assert_eq!(app.client.get_order(get.clone()).await.unwrap_err().code(), Code::Unavailable);
