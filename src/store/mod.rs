@@ -228,21 +228,41 @@ impl Store {
     }
 }
 
-/// A database URL with its password replaced, fit for logs and errors.
+/// A database URL fit for logs and errors: parsed, with the password of its
+/// user part and any `password` query parameter replaced by `***`. A URL
+/// that does not parse as one with an authority (`scheme://…`) is shown as
+/// its scheme alone, since where its secret sits cannot be known. SQLite
+/// URLs name a file and carry no secret: they are shown as they are.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    if url.starts_with("sqlite:") {
         return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{tail}")
-        }
-        None => url.to_owned(),
     }
+    let scheme_only = || match url.split_once(':') {
+        Some((scheme, _)) if scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) => {
+            format!("{scheme}://(unparsable URL hidden)")
+        }
+        _ => "(unparsable URL hidden)".to_owned(),
+    };
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return scheme_only();
+    };
+    if parsed.cannot_be_a_base() || !url.contains("://") {
+        return scheme_only();
+    }
+    if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+        return scheme_only();
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let hidden = key.eq_ignore_ascii_case("password");
+                (key.into_owned(), if hidden { "***".to_owned() } else { value.into_owned() })
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// An order row in engine-neutral types, checked into an [`Order`].
@@ -301,6 +321,38 @@ mod tests {
         assert_eq!(redact("postgres://app@db/orders"), "postgres://app@db/orders");
         assert_eq!(redact("postgres://db/orders"), "postgres://db/orders");
         assert_eq!(redact("sqlite://orders.db"), "sqlite://orders.db");
-        assert_eq!(redact("postgres://a:b@c@host/db"), "postgres://a:***@host/db");
+        assert_eq!(
+            redact("sqlite:///var/lib/orders/orders.db?mode=rwc"),
+            "sqlite:///var/lib/orders/orders.db?mode=rwc"
+        );
+    }
+
+    /// Passwords with the characters that end a URL's parts (`/`, `?`,
+    /// `@`, `#`, `%`), passwords as query parameters, and URLs that do not
+    /// parse: the password is never shown.
+    #[test]
+    fn redact_never_shows_a_password_however_it_is_written() {
+        for (url, secret) in [
+            ("postgres://app:hun/ter2@db/orders", "ter2"),
+            ("postgres://app:hun?ter2@db/orders", "ter2"),
+            ("postgres://app:hun#ter2@db/orders", "ter2"),
+            ("postgres://app:p@ss@db/orders", "p@ss"),
+            ("postgres://app:p%40ss%2Fw0rd@db/orders", "w0rd"),
+            ("postgres://app:p%ZZss@db/orders", "ZZss"),
+            ("postgres://h/orders?user=app&password=hunter2", "hunter2"),
+            ("postgres://h/orders?user=app&PASSWORD=hunter2&sslmode=require", "hunter2"),
+            ("postgres:app:hunter2@db/orders", "hunter2"),
+            ("postgresql://app:hunter2@[::1", "hunter2"),
+            ("app:hunter2@db", "hunter2"),
+            ("hunter2", "hunter2"),
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains(secret), "{url} was shown as {shown}");
+        }
+        assert_eq!(
+            redact("postgres://h/orders?user=app&password=hunter2"),
+            "postgres://h/orders?user=app&password=***"
+        );
+        assert_eq!(redact("postgres:app:hunter2@db/orders"), "postgres://(unparsable URL hidden)");
     }
 }
