@@ -213,7 +213,7 @@ impl Application {
                 config.purge_batch_size,
                 background_rx.clone(),
             )),
-            tokio::spawn(reload_on_sighup(hangups, auth, background_rx.clone())),
+            tokio::spawn(reload_on_sighup(hangups, auth.clone(), background_rx.clone())),
             tokio::spawn(follow_database(
                 store.clone(),
                 health.clone(),
@@ -251,7 +251,8 @@ impl Application {
             .max_connection_age_grace(config.shutdown_grace)
             // Outermost first: the metrics see the code the caller gets.
             .layer(crate::metrics::RpcMetricsLayer)
-            .layer(crate::api::MalformedRequestsLayer);
+            .layer(crate::api::MalformedRequestsLayer)
+            .layer(crate::api::AuthLayer(auth.clone()));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).context("configuring TLS")?;
         }

@@ -8,16 +8,32 @@
 //! certificate: the first URI SAN (e.g. a SPIFFE ID), else the first DNS SAN,
 //! else the subject CN. Tokens are never logged; the file holds only their
 //! SHA-256, compared in constant time.
+//!
+//! Order calls are authenticated by [`AuthLayer`] from their headers and
+//! connection alone, before tonic reads or decodes the message: an
+//! unauthenticated caller is answered `UNAUTHENTICATED` having made the
+//! server buffer no more than HTTP/2's flow-control window of its message.
+//! Health and reflection stay open. A call carrying two `authorization`
+//! headers is refused, and no token or certificate may claim the account
+//! `anonymous`: that is the account of callers when authentication is off,
+//! and it must not inherit their orders.
 
 use std::{
+    future::Future,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, RwLock},
+    task::{Context, Poll},
 };
 
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::Request;
+use tonic::{
+    Request, Status,
+    codegen::http,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
 use crate::{domain::AccountId, error::Error};
@@ -79,7 +95,9 @@ fn parse_token_file(text: &str) -> Result<Vec<Entry>, String> {
 }
 
 fn valid_account(account: &str) -> Result<(), &'static str> {
-    if account.is_empty() || account.len() > MAX_ACCOUNT_LEN {
+    if account == AccountId::anonymous().as_str() {
+        Err("`anonymous` is reserved for callers when authentication is off")
+    } else if account.is_empty() || account.len() > MAX_ACCOUNT_LEN {
         Err("must be 1 to 256 characters")
     } else if !account.bytes().all(|b| b.is_ascii_graphic()) {
         Err("must be printable ASCII without spaces")
@@ -126,9 +144,25 @@ impl Authenticator {
         Ok(count)
     }
 
-    /// The account of this call, or `UNAUTHENTICATED`.
+    /// The account of this call: the one [`AuthLayer`] found, else found now.
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<AccountId, Error> {
-        let header = request.metadata().get("authorization");
+        if let Some(Authenticated(account)) = request.extensions().get::<Authenticated>() {
+            return Ok(account.clone());
+        }
+        self.authenticate_parts(request.metadata().as_ref(), request.extensions())
+    }
+
+    /// The account a call's headers and connection name, or `UNAUTHENTICATED`.
+    pub fn authenticate_parts(
+        &self,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<AccountId, Error> {
+        let mut headers = headers.get_all("authorization").iter();
+        let header = headers.next();
+        if headers.next().is_some() {
+            return Err(Error::Unauthenticated("more than one authorization header"));
+        }
         if let (Some(tokens), Some(header)) = (&self.tokens, header) {
             let token = header
                 .to_str()
@@ -139,9 +173,9 @@ impl Authenticator {
                 .ok_or(Error::Unauthenticated("the authorization header must be `Bearer TOKEN`"))?;
             return tokens.account_of(token).ok_or(Error::Unauthenticated("unknown or revoked token"));
         }
+        let peer_certs = || extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.peer_certs());
         if self.client_certs
-            && let Some(account) =
-                request.peer_certs().and_then(|certs| certs.first().and_then(|c| identity(c)))
+            && let Some(account) = peer_certs().and_then(|certs| certs.first().and_then(|c| identity(c)))
         {
             return Ok(account);
         }
@@ -152,6 +186,75 @@ impl Authenticator {
             }
             (None, true) => Err(Error::Unauthenticated("the client certificate names no identity")),
         }
+    }
+}
+
+/// The account [`AuthLayer`] found for a call, in its extensions.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub AccountId);
+
+/// The gRPC path prefix of the calls that need credentials.
+const ORDER_SERVICE_PATH: &str = "/orders.v1.OrderService/";
+
+/// Wraps a service in [`Authenticate`].
+#[derive(Debug, Clone)]
+pub struct AuthLayer(pub Arc<Authenticator>);
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticate { inner, auth: self.0.clone() }
+    }
+}
+
+/// A service whose order calls are authenticated before their message is
+/// read (see the module doc).
+#[derive(Debug, Clone)]
+pub struct Authenticate<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Authenticate<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        if path.starts_with(ORDER_SERVICE_PATH) {
+            match self.auth.authenticate_parts(request.headers(), request.extensions()) {
+                Ok(account) => {
+                    request.extensions_mut().insert(Authenticated(account));
+                }
+                Err(error) => {
+                    let method = path.strip_prefix(ORDER_SERVICE_PATH).unwrap_or_default();
+                    if method == "PlaceOrder" {
+                        crate::metrics::record_place_outcome("unauthenticated");
+                    }
+                    tracing::info!(
+                        method = crate::api::loggable(method),
+                        outcome = "unauthenticated",
+                        %error,
+                        "refused a call before reading its message"
+                    );
+                    let response: http::Response<R> = Status::from(error).into_http();
+                    return Box::pin(std::future::ready(Ok(response)));
+                }
+            }
+        }
+        Box::pin(self.inner.call(request))
     }
 }
 
@@ -216,6 +319,16 @@ mod tests {
             let err = parse_token_file(&bad).unwrap_err();
             assert!(err.starts_with(line), "{bad:?}: {err}");
         }
+    }
+
+    /// `anonymous` is the account of every caller while authentication is
+    /// off: no token or certificate may claim it and inherit those orders.
+    #[test]
+    fn anonymous_is_reserved() {
+        let line = format!("anonymous {}", "a".repeat(64));
+        assert!(parse_token_file(&line).unwrap_err().contains("reserved"));
+        assert!(new_token("anonymous").is_err());
+        assert!(valid_account("anonymous").is_err() && valid_account("anonymous2").is_ok());
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod convert;
 mod malformed;
 pub mod page_token;
 
-pub use auth::{Authenticator, new_token};
+pub use auth::{AuthLayer, Authenticate, Authenticated, Authenticator, new_token};
 pub use convert::{ListQuery, Lookup};
 pub use malformed::{Arrival, MalformedRequests, MalformedRequestsLayer};
 
@@ -171,7 +171,7 @@ fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
 
 /// A caller-sent value for a log field, cut short so a huge field cannot
 /// flood the logs.
-fn loggable(s: &str) -> &str {
+pub(crate) fn loggable(s: &str) -> &str {
     match s.char_indices().nth(64) {
         Some((end, _)) => &s[..end],
         None => s,

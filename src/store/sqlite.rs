@@ -444,10 +444,16 @@ impl SqliteStore {
         // would race to switch it to WAL and to apply the same migration. Take
         // turns on a lock file beside the database while setting it up.
         let lock_path = format!("{}.startup-lock", connect.get_filename().display());
+        let db_path = connect.get_filename().to_owned();
         let startup_lock = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
-            let file =
-                std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+            let file = private_file(std::path::Path::new(&lock_path))?;
             file.lock()?;
+            // Orders are nobody else's business: a new database file is
+            // the owner's alone, and SQLite gives its -wal and -shm files
+            // the database file's mode.
+            if !db_path.exists() {
+                private_file(&db_path)?;
+            }
             Ok(file)
         })
         .await
@@ -809,6 +815,16 @@ impl PlaceTx for SqliteTx<'_> {
         .map_err(db("inserting the order"))?;
         Ok(())
     }
+}
+
+/// Opens `path` for writing, creating it readable and writable by its owner
+/// alone (0600) if missing.
+fn private_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
 }
 
 /// Maps a sqlx error to `UNAVAILABLE` when retrying later can succeed (busy,
