@@ -132,9 +132,22 @@ pub struct Config {
     pub max_connection_age: Duration,
 
     /// A connection that sends nothing (no TLS or HTTP/2 handshake) within
-    /// this long after it is accepted is closed.
+    /// this long after it is accepted is closed, on every listener.
     #[arg(long, env = "ORDERS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub handshake_timeout: Duration,
+
+    /// Most connections open at once, gRPC and health listeners together;
+    /// one more is closed as soon as it is accepted (and counted in
+    /// orders_connections_refused_total). 0 sizes it from the process's
+    /// open-file limit, keeping 64 descriptors plus the database pool free.
+    #[arg(long, env = "ORDERS_MAX_CONNECTIONS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_connections: u32,
+
+    /// The longest any call may take on the server, whatever deadline its
+    /// caller sent (a shorter `grpc-timeout` wins).
+    #[arg(long, env = "ORDERS_REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub request_timeout: Duration,
 
     /// SQLite: most PlaceOrders committed together by the group-commit writer
     /// (one disk flush per batch), and most keys looked up in one query;

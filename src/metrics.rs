@@ -35,6 +35,11 @@ pub const POOL_CONNECTIONS: &str = "orders_db_pool_connections";
 pub const POOL_IDLE: &str = "orders_db_pool_idle_connections";
 /// 1 while the database answers and the server is not draining, else 0.
 pub const SERVING: &str = "orders_health_serving";
+/// Connections closed as soon as they were accepted, by reason
+/// (`max_connections`).
+pub const CONNECTIONS_REFUSED: &str = "orders_connections_refused_total";
+/// Accepts that failed (out of descriptors, EMFILE/ENFILE, …).
+pub const ACCEPT_ERRORS: &str = "orders_accept_errors_total";
 
 /// The process-wide recorder (metrics are global in the `metrics` crate).
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -289,6 +294,16 @@ impl Rpc {
 /// Counts one PlaceOrder outcome.
 pub fn record_place_outcome(outcome: &'static str) {
     metrics::counter!(PLACE_OUTCOMES, "outcome" => outcome).increment(1);
+}
+
+/// Counts a connection closed as soon as it was accepted.
+pub fn record_connection_refused(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+/// Counts a failed accept.
+pub fn record_accept_error() {
+    metrics::counter!(ACCEPT_ERRORS).increment(1);
 }
 
 /// Counts purged keys.

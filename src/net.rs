@@ -8,10 +8,20 @@
 //! frame that must follow it. Past the deadline its reads fail and hyper
 //! closes it. After that, HTTP/2 keepalive pings bound a peer that stops
 //! answering, and `--max-connection-age` bounds every connection.
+//!
+//! Every accepted connection also holds one of `--max-connections` slots
+//! until it closes; over the cap a new connection is closed at once and
+//! counted. A failed accept (out of descriptors: EMFILE, ENFILE) backs off,
+//! from 10 ms doubling to 1 s while failures last, instead of retrying at
+//! once in a loop that spins a core; each one is logged and counted.
 
 use std::{
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -19,6 +29,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
     time::Sleep,
 };
 use tokio_stream::{Stream, StreamExt};
@@ -27,13 +38,61 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 /// The HTTP/2 client preface (24 bytes) and a frame header (9 bytes).
 pub const HANDSHAKE_BYTES: usize = 24 + 9;
 
+/// The longest wait after a failed accept.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
 /// The connections of `incoming`, each closed unless its first
-/// [`HANDSHAKE_BYTES`] arrive within `timeout`.
-pub fn handshake_deadline(
+/// [`HANDSHAKE_BYTES`] arrive within `timeout`, and each holding one of
+/// `slots` while open (over the cap, closed at once). Failed accepts back off.
+pub fn guarded(
     incoming: TcpIncoming,
     timeout: Duration,
+    slots: Arc<Semaphore>,
 ) -> impl Stream<Item = io::Result<DeadlineStream>> {
-    incoming.map(move |accepted| accepted.map(|stream| DeadlineStream::new(stream, timeout)))
+    let backoff_ms = Arc::new(AtomicU64::new(0));
+    incoming
+        .then(move |accepted| {
+            let (slots, backoff_ms) = (slots.clone(), backoff_ms.clone());
+            async move {
+                match accepted {
+                    Ok(stream) => {
+                        backoff_ms.store(0, Ordering::Relaxed);
+                        match slots.try_acquire_owned() {
+                            Ok(slot) => Some(Ok(DeadlineStream::new(stream, timeout, Some(slot)))),
+                            Err(_) => {
+                                crate::metrics::record_connection_refused("max_connections");
+                                tracing::debug!(peer = ?stream.peer_addr().ok(), "closing a connection over --max-connections");
+                                None
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        let last = backoff_ms.load(Ordering::Relaxed);
+                        let wait = Duration::from_millis((last * 2).clamp(10, MAX_ACCEPT_BACKOFF.as_millis() as u64));
+                        backoff_ms.store(wait.as_millis() as u64, Ordering::Relaxed);
+                        crate::metrics::record_accept_error();
+                        tracing::warn!(%error, backoff_ms = wait.as_millis() as u64, "accepting a connection failed; backing off");
+                        tokio::time::sleep(wait).await;
+                        None
+                    }
+                }
+            }
+        })
+        .filter_map(|accepted| accepted)
+}
+
+/// How many connections `--max-connections 0` allows: the soft open-file
+/// limit (from `/proc/self/limits`) less `reserve` descriptors, at least 16;
+/// 4,096 where the limit cannot be read.
+pub fn default_max_connections(reserve: u64) -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
+        let line = limits.lines().find(|line| line.starts_with("Max open files"))?;
+        line.split_whitespace().nth(3)?.parse::<u64>().ok()
+    });
+    match limit {
+        Some(limit) => usize::try_from(limit.saturating_sub(reserve).max(16)).unwrap_or(usize::MAX),
+        None => 4096,
+    }
 }
 
 /// A TCP connection whose reads fail once its deadline passes before it has
@@ -43,11 +102,13 @@ pub struct DeadlineStream {
     inner: TcpStream,
     received: usize,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Its place under `--max-connections`, given back when it closes.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl DeadlineStream {
-    fn new(inner: TcpStream, timeout: Duration) -> Self {
-        Self { inner, received: 0, deadline: Some(Box::pin(tokio::time::sleep(timeout))) }
+    fn new(inner: TcpStream, timeout: Duration, slot: Option<OwnedSemaphorePermit>) -> Self {
+        Self { inner, received: 0, deadline: Some(Box::pin(tokio::time::sleep(timeout))), _slot: slot }
     }
 }
 

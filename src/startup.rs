@@ -33,6 +33,10 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow control: most message bytes a caller may send on one stream,
+/// and on one connection, before the server has read them.
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Most streams a caller may reset before the server accepted them, on one
 /// connection, before the server closes it (h2's "rapid reset" defence,
 /// 20 by default). Callers sharing one connection reset a stream whenever a
@@ -191,9 +195,16 @@ impl Application {
         let settings = ApiSettings {
             idempotency_ttl: config.idempotency_ttl,
             lock_timeout: config.lock_timeout,
+            request_timeout: config.request_timeout,
             max_concurrent_requests: config.max_concurrent_requests,
             faults,
         };
+        let max_connections = match config.max_connections {
+            0 => crate::net::default_max_connections(64 + u64::from(config.db_max_connections)),
+            n => n as usize,
+        };
+        tracing::info!(max_connections, "connections are capped");
+        let connection_slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
         let api = OrderServiceServer::new(OrderApi::new(store.clone(), auth.clone(), settings))
             .max_decoding_message_size(config.max_request_size as usize);
 
@@ -229,10 +240,19 @@ impl Application {
         }
         if let Some(listener) = health_listener {
             let health_addr = listener.local_addr()?;
+            let incoming = crate::net::guarded(
+                TcpIncoming::from(listener),
+                config.handshake_timeout,
+                connection_slots.clone(),
+            );
             let health_only = Server::builder()
+                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .max_connection_age(config.max_connection_age)
+                .timeout(config.request_timeout)
                 .layer(crate::metrics::RpcMetricsLayer)
                 .add_service(health_service.clone())
-                .serve_with_incoming_shutdown(TcpIncoming::from(listener), stopped(&servers_rx));
+                .serve_with_incoming_shutdown(incoming, stopped(&servers_rx));
             side_servers.push(tokio::spawn(async move {
                 if let Err(error) = health_only.await {
                     tracing::error!(%error, "the plain-text health endpoint failed");
@@ -243,6 +263,9 @@ impl Application {
 
         let mut builder = Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)
+            .timeout(config.request_timeout)
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -256,9 +279,10 @@ impl Application {
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).context("configuring TLS")?;
         }
-        let incoming = crate::net::handshake_deadline(
+        let incoming = crate::net::guarded(
             TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE)),
             config.handshake_timeout,
+            connection_slots.clone(),
         );
         let server = builder
             .add_service(health_service)

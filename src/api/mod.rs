@@ -61,6 +61,8 @@ pub struct ApiSettings {
     pub idempotency_ttl: Duration,
     /// Most time a call waits for another call in flight with its key.
     pub lock_timeout: Duration,
+    /// The longest a call may take, whatever deadline its caller sent.
+    pub request_timeout: Duration,
     /// Most order calls served at once; more are refused.
     pub max_concurrent_requests: u32,
     /// Faults injected by tests (none unless a test asks).
@@ -97,18 +99,15 @@ impl OrderApi {
     /// so the service answers its own deadline, truthfully, before tonic's
     /// timer answers `CANCELLED`: a lock not taken by the lock wait wrote
     /// nothing; by the deadline the store says whether the write was sent.
-    fn limits<T>(&self, request: &Request<T>, started: Instant) -> (Duration, Option<Instant>) {
-        let timeout = request.metadata().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
-        match timeout {
-            Some(timeout) => {
-                // tonic's timer started before this handler did: keep a
-                // margin (a fifth of the deadline, at most 250 ms) for that.
-                let margin = (timeout / 5).min(Duration::from_millis(250));
-                let lock_wait = self.settings.lock_timeout.min(timeout.saturating_sub(margin * 2));
-                (lock_wait, Some(started + timeout.saturating_sub(margin)))
-            }
-            None => (self.settings.lock_timeout, None),
-        }
+    fn limits<T>(&self, request: &Request<T>, started: Instant) -> (Duration, Instant) {
+        let sent = request.metadata().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        // tonic enforces the server's own request timeout the same way.
+        let timeout = sent.map_or(self.settings.request_timeout, |t| t.min(self.settings.request_timeout));
+        // tonic's timer started before this handler did: keep a margin (a
+        // fifth of the deadline, at most 250 ms) for that.
+        let margin = (timeout / 5).min(Duration::from_millis(250));
+        let lock_wait = self.settings.lock_timeout.min(timeout.saturating_sub(margin * 2));
+        (lock_wait, started + timeout.saturating_sub(margin))
     }
 }
 
@@ -202,7 +201,7 @@ impl OrderService for OrderApi {
             span.record("client_request_id", field::display(new.client_request_id));
             let placed = self
                 .store
-                .place_order(&account, new, self.settings.idempotency_ttl, lock_wait, deadline)
+                .place_order(&account, new, self.settings.idempotency_ttl, lock_wait, Some(deadline))
                 .await?;
             span.record("order_id", field::display(placed.0.order_id));
             Ok(placed)

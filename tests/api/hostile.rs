@@ -126,3 +126,113 @@ async fn a_flood_of_abandoned_connections_is_closed_and_good_callers_are_served(
     assert!(fds_after <= fds_before + 5, "connections left open: {fds_before} fds before, {fds_after} after");
     assert!(rss_after < rss_before + 32 * 1024, "RSS grew from {rss_before} kB to {rss_after} kB");
 }
+
+/// Holds `n` connections to `addr` that finish the HTTP/2 handshake and
+/// then stay idle; those the server closes (or could not accept) are
+/// dropped. Returns the ones still open.
+async fn idle_connections(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Vec<h2::client::SendRequest<prost::bytes::Bytes>> {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let Ok(Ok(tcp)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        else {
+            continue;
+        };
+        let handshake = tokio::time::timeout(Duration::from_millis(200), h2::client::handshake(tcp)).await;
+        if let Ok(Ok((sender, connection))) = handshake {
+            tokio::spawn(connection);
+            open.push(sender);
+        }
+    }
+    open
+}
+
+/// Health `Check` on `client`, which must answer within a second.
+async fn healthy_within_a_second(
+    client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+    when: &str,
+) {
+    let check = client.check(tonic_health::pb::HealthCheckRequest { service: String::new() });
+    let answer = tokio::time::timeout(Duration::from_secs(1), check).await;
+    assert!(matches!(answer, Ok(Ok(_))), "health {when}: {answer:?}");
+}
+
+/// More idle connections than `--max-connections` allows (sized from a
+/// 128-descriptor limit): the ones over the cap are closed at once and
+/// counted, health answers throughout on a connection already open and
+/// within a second on a new one once the flood stops, and the CPU stays low.
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_once_and_counted() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let server = ServerProcess::start_with_nofile(128, &["--database-url", &database.url]).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(server.addr).await);
+    healthy_within_a_second(&mut health, "before the flood").await;
+    let cpu_before = server.cpu_ticks();
+    let flood = idle_connections(server.addr, 300).await;
+    healthy_within_a_second(&mut health, "during the flood, on an open connection").await;
+    let cpu_during = server.cpu_ticks() - cpu_before;
+    let fds_during = server.open_fds();
+    drop(flood);
+    let mut fresh = tonic_health::pb::health_client::HealthClient::new(channel(server.addr).await);
+    healthy_within_a_second(&mut fresh, "after the flood, on a new connection").await;
+    let metrics = crate::operations::scrape(server.metrics_addr.as_deref().unwrap()).await;
+    let refused = metrics
+        .lines()
+        .find(|l| l.starts_with("orders_connections_refused_total{reason=\"max_connections\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    println!(
+        "over the cap: 300 idle connections, {refused} refused and counted, {fds_during} descriptors open, \
+         {cpu_during} CPU ticks"
+    );
+    assert!(fds_during < 128, "the cap held: {fds_during} descriptors open");
+    assert!(refused > 0.0, "refusals are counted");
+    assert!(cpu_during < 300, "no spinning: {cpu_during} ticks of CPU");
+}
+
+/// Out of descriptors (a 128-descriptor limit and a cap above it): failed
+/// accepts back off instead of spinning, are counted, and health answers on
+/// a connection already open, and on a new one once the flood stops.
+#[tokio::test]
+async fn out_of_descriptors_accepts_back_off_and_health_still_answers() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let server = ServerProcess::start_with_nofile(
+        128,
+        &["--database-url", &database.url, "--max-connections", "1000"],
+    )
+    .await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(server.addr).await);
+    let flood = idle_connections(server.addr, 300).await;
+    // Hold the flood for two seconds of the server's life, then measure.
+    let cpu_before = server.cpu_ticks();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        healthy_within_a_second(&mut health, "out of descriptors, on an open connection").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cpu = server.cpu_ticks() - cpu_before;
+    drop(flood);
+    let settled = async {
+        loop {
+            let Ok(metrics_addr) = server.metrics_addr.clone().ok_or(()) else { return };
+            if tokio::net::TcpStream::connect(&metrics_addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), settled).await.expect("descriptors come back");
+    let mut fresh = tonic_health::pb::health_client::HealthClient::new(channel(server.addr).await);
+    healthy_within_a_second(&mut fresh, "after the flood, on a new connection").await;
+    let metrics = crate::operations::scrape(server.metrics_addr.as_deref().unwrap()).await;
+    let errors = metrics
+        .lines()
+        .find(|l| l.starts_with("orders_accept_errors_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    println!("out of descriptors: {errors} failed accepts counted, {cpu} CPU ticks in 2 s");
+    assert!(errors > 0.0, "failed accepts are counted");
+    assert!(cpu < 100, "no spinning: {cpu} ticks of CPU in 2 s (a spinning core is 200)");
+}

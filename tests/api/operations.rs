@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// `GET /metrics` over a plain HTTP/1.1 connection; the body.
-async fn scrape(addr: &str) -> String {
+pub(crate) async fn scrape(addr: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();

@@ -36,7 +36,19 @@ impl ServerProcess {
     /// As [`ServerProcess::start`], listening on `listen` (a restart on the
     /// port an earlier process had).
     pub async fn start_at(listen: &str, args: &[&str]) -> ServerProcess {
-        let mut child = Command::new(BIN)
+        Self::spawn(Command::new(BIN), listen, args).await
+    }
+
+    /// As [`ServerProcess::start`], with at most `nofile` open descriptors
+    /// (`prlimit`, which then runs the server in its own place).
+    pub async fn start_with_nofile(nofile: u64, args: &[&str]) -> ServerProcess {
+        let mut command = Command::new("prlimit");
+        command.arg(format!("--nofile={nofile}:{nofile}")).arg("--").arg(BIN);
+        Self::spawn(command, "127.0.0.1:0", args).await
+    }
+
+    async fn spawn(mut command: Command, listen: &str, args: &[&str]) -> ServerProcess {
+        let mut child = command
             .args(["--listen", listen, "--log-format", "json", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
@@ -107,6 +119,14 @@ impl ServerProcess {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// CPU time the process has used (user and system), in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     }
 
     /// How many file descriptors the process has open.
