@@ -27,6 +27,12 @@ pub enum Command {
         /// The account the token acts for.
         account: String,
     },
+    /// Checks an --auth-tokens-file before it is deployed: prints how many
+    /// tokens it grants, or every bad line (exit 1).
+    CheckTokens {
+        /// The file to check.
+        file: std::path::PathBuf,
+    },
 }
 
 /// order-service: a gRPC order service that places every order exactly once,

@@ -22,12 +22,26 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::CheckTokens { file }) = &config.command {
+        return match api::check_token_file(file) {
+            Ok(tokens) => {
+                println!("{}: {tokens} tokens, no problems", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for problem in problems {
+                    eprintln!("{}: {problem}", file.display());
+                }
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Some(Command::HashToken { account }) = &config.command {
         return match api::new_token(account) {
             Ok((token, line)) => {
                 println!("# The token, for the caller (shown once; the server keeps only its hash):");
                 println!("{token}");
-                println!("# The line for --auth-tokens-file (then send the server SIGHUP):");
+                println!("# The line for --auth-tokens-file (the server reloads it within seconds):");
                 println!("{line}");
                 ExitCode::SUCCESS
             }

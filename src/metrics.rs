@@ -40,6 +40,8 @@ pub const SERVING: &str = "orders_health_serving";
 pub const CONNECTIONS_REFUSED: &str = "orders_connections_refused_total";
 /// Accepts that failed (out of descriptors, EMFILE/ENFILE, …).
 pub const ACCEPT_ERRORS: &str = "orders_accept_errors_total";
+/// Reloads of the auth tokens file that found bad lines or no readable file.
+pub const TOKEN_RELOAD_FAILURES: &str = "orders_auth_token_reload_failures_total";
 
 /// The process-wide recorder (metrics are global in the `metrics` crate).
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -304,6 +306,11 @@ pub fn record_connection_refused(reason: &'static str) {
 /// Counts a failed accept.
 pub fn record_accept_error() {
     metrics::counter!(ACCEPT_ERRORS).increment(1);
+}
+
+/// Counts a token reload that found problems.
+pub fn record_token_reload_failure() {
+    metrics::counter!(TOKEN_RELOAD_FAILURES).increment(1);
 }
 
 /// Counts purged keys.

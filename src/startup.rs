@@ -33,6 +33,8 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the auth tokens file is checked for changes.
+const TOKENS_POLL: Duration = Duration::from_secs(2);
 /// HTTP/2 flow control: most message bytes a caller may send on one stream,
 /// and on one connection, before the server has read them.
 const STREAM_WINDOW: u32 = 64 * 1024;
@@ -398,14 +400,37 @@ async fn follow_database(
 /// Reloads the auth tokens file on every SIGHUP until `stop` changes; a bad
 /// file is logged and the tokens in force stay.
 async fn reload_on_sighup(mut hangups: Hangups, auth: Arc<Authenticator>, mut stop: watch::Receiver<bool>) {
+    // Kubernetes updates a mounted Secret by swapping a symlink, and a
+    // distroless container cannot be sent a signal: the file is also read
+    // every TOKENS_POLL, and reloaded when its content changed.
+    let mut last = auth.tokens_file().and_then(|path| std::fs::read(path).ok());
+    let mut polls = tokio::time::interval(TOKENS_POLL);
+    polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            () = hangups.recv() => {}
+        let why = tokio::select! {
+            () = hangups.recv() => "SIGHUP",
+            _ = polls.tick() => {
+                let Some(path) = auth.tokens_file() else { continue };
+                let now = std::fs::read(path).ok();
+                if now == last {
+                    continue;
+                }
+                "the file changed"
+            }
             _ = stop.changed() => return,
-        }
-        match auth.reload() {
-            Ok(tokens) => tracing::info!(tokens, "reloaded auth tokens"),
-            Err(error) => tracing::error!("keeping the auth tokens in force: {error:#}"),
+        };
+        last = auth.tokens_file().and_then(|path| std::fs::read(path).ok());
+        let (tokens, problems) = auth.reload();
+        if problems.is_empty() {
+            tracing::info!(tokens, why, "reloaded auth tokens");
+        } else {
+            crate::metrics::record_token_reload_failure();
+            tracing::error!(
+                tokens,
+                why,
+                problems = problems.join("; "),
+                "reloaded auth tokens with problems: only the good lines grant access"
+            );
         }
     }
 }
@@ -421,7 +446,7 @@ impl Hangups {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(hangups) => Self(Some(hangups)),
             Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; auth tokens will not reload");
+                tracing::error!(%error, "cannot listen for SIGHUP; auth tokens reload only when their file changes");
                 Self(None)
             }
         }

@@ -71,7 +71,18 @@ pub struct Authenticator {
 /// Parses a token file: `ACCOUNT SHA256-HEX` per line; blank lines and `#`
 /// comments are skipped. Errors name the line.
 fn parse_token_file(text: &str) -> Result<Vec<Entry>, String> {
+    let (entries, errors) = parse_token_lines(text);
+    match errors.into_iter().next() {
+        Some(error) => Err(error),
+        None => Ok(entries),
+    }
+}
+
+/// Parses every line it can: the entries of the good lines, and an error
+/// naming each bad one (a bad line grants nothing).
+fn parse_token_lines(text: &str) -> (Vec<Entry>, Vec<String>) {
     let mut entries: Vec<Entry> = Vec::new();
+    let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
@@ -80,18 +91,34 @@ fn parse_token_file(text: &str) -> Result<Vec<Entry>, String> {
         let n = i + 1;
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [account, hash] = fields[..] else {
-            return Err(format!("line {n}: expected `ACCOUNT SHA256-HEX`"));
+            errors.push(format!("line {n}: expected `ACCOUNT SHA256-HEX`"));
+            continue;
         };
-        valid_account(account).map_err(|why| format!("line {n}: account {why}"))?;
+        if let Err(why) = valid_account(account) {
+            errors.push(format!("line {n}: account {why}"));
+            continue;
+        }
         let mut digest = [0u8; 32];
-        hex::decode_to_slice(hash, &mut digest)
-            .map_err(|_| format!("line {n}: the hash must be 64 hex digits (the token's SHA-256)"))?;
+        if hex::decode_to_slice(hash, &mut digest).is_err() {
+            errors.push(format!("line {n}: the hash must be 64 hex digits (the token's SHA-256)"));
+            continue;
+        }
         if entries.iter().any(|e| e.hash == digest) {
-            return Err(format!("line {n}: this token hash is listed twice"));
+            errors.push(format!("line {n}: this token hash is listed twice"));
+            continue;
         }
         entries.push(Entry { account: AccountId::new(account), hash: digest });
     }
-    Ok(entries)
+    (entries, errors)
+}
+
+/// Checks a token file as the server would load it at start: every problem,
+/// each naming its line. `order-service check-tokens FILE` runs this.
+pub fn check_token_file(path: &Path) -> Result<usize, Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    let (entries, errors) = parse_token_lines(&text);
+    if errors.is_empty() { Ok(entries.len()) } else { Err(errors) }
 }
 
 fn valid_account(account: &str) -> Result<(), &'static str> {
@@ -131,17 +158,29 @@ impl Authenticator {
         Self { tokens: None, client_certs: false }
     }
 
-    /// Reads the token file again; on error the old tokens stay in force.
-    /// Returns how many tokens are now accepted.
-    pub fn reload(&self) -> anyhow::Result<usize> {
+    /// The token file's path, if tokens are configured.
+    pub fn tokens_file(&self) -> Option<&Path> {
+        self.tokens.as_ref().map(|t| t.path.as_path())
+    }
+
+    /// Reads the token file again and replaces every token with what it now
+    /// lists. It fails closed: a bad line grants nothing (the others apply,
+    /// and each bad one is reported), and a file that cannot be read leaves
+    /// no token valid, so a token removed from the file is never accepted
+    /// again, whatever else is wrong with it. Returns how many tokens are now
+    /// accepted, and the problems.
+    pub fn reload(&self) -> (usize, Vec<String>) {
         let Some(tokens) = &self.tokens else {
-            return Ok(0);
+            return (0, Vec::new());
         };
-        let entries = load(&tokens.path)?;
+        let (entries, errors) = match std::fs::read_to_string(&tokens.path) {
+            Ok(text) => parse_token_lines(&text),
+            Err(error) => (Vec::new(), vec![format!("cannot read {}: {error}", tokens.path.display())]),
+        };
         let count = entries.len();
         // A poisoned lock only means a panic elsewhere while swapping an Arc.
         *tokens.entries.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(entries);
-        Ok(count)
+        (count, errors)
     }
 
     /// The account of this call: the one [`AuthLayer`] found, else found now.

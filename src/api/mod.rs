@@ -9,7 +9,7 @@ mod convert;
 mod malformed;
 pub mod page_token;
 
-pub use auth::{AuthLayer, Authenticate, Authenticated, Authenticator, new_token};
+pub use auth::{AuthLayer, Authenticate, Authenticated, Authenticator, check_token_file, new_token};
 pub use convert::{ListQuery, Lookup};
 pub use malformed::{Arrival, MalformedRequests, MalformedRequestsLayer};
 

@@ -353,13 +353,82 @@ async fn a_token_removed_from_the_file_is_revoked_on_sighup_and_a_new_one_accept
     assert_eq!(placed.order.unwrap().account_id, "carol");
     client.place_order(bearer(limit_order(&new_key()), &tokens.bob)).await.expect("bob's token still works");
 
-    // A broken file keeps the tokens in force.
-    std::fs::write(&file, "carol not-a-hash\n").unwrap();
+    // A bad line grants nothing and takes nothing back from the good ones.
+    std::fs::write(&file, format!("carol not-a-hash\n{bob_line}\n")).unwrap();
     server.signal("HUP");
-    server.log("keeping the auth tokens in force: auth tokens file").await;
-    client.place_order(bearer(limit_order(&new_key()), &carol)).await.expect("carol's token still works");
+    let problems = server.log("reloaded auth tokens with problems").await;
+    assert_eq!(problems["tokens"], 1);
+    assert!(problems["problems"].as_str().unwrap().contains("line 1"), "{problems}");
+    let status = client.place_order(bearer(limit_order(&new_key()), &carol)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "carol's line is broken: her token is refused");
+    client.place_order(bearer(limit_order(&new_key()), &tokens.bob)).await.expect("bob's token still works");
     server.signal("TERM");
     assert!(server.child.wait().await.unwrap().success());
+}
+
+/// The tokens file is reloaded when it changes, without a signal (a
+/// Kubernetes Secret is updated by swapping a symlink, and a distroless
+/// container cannot be signalled): a removed token is refused, even with a
+/// bad line elsewhere in the new file, and the problem is logged and
+/// counted.
+#[tokio::test]
+async fn a_token_removed_from_the_file_is_refused_once_the_file_changes_without_a_signal() {
+    let tokens = Tokens::new();
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("orders.db").display());
+    let dir = tempfile::tempdir().unwrap();
+    // As Kubernetes mounts a Secret: the path is a symlink that is swapped.
+    let link = dir.path().join("tokens");
+    let first = dir.path().join("tokens.1");
+    std::fs::copy(tokens.file(), &first).unwrap();
+    std::os::unix::fs::symlink(&first, &link).unwrap();
+    let mut server =
+        ServerProcess::start(&["--database-url", &url, "--auth-tokens-file", link.to_str().unwrap()]).await;
+    let mut client = OrderServiceClient::new(channel(server.addr).await);
+    client.place_order(bearer(limit_order(&new_key()), &tokens.alice)).await.expect("alice's token works");
+
+    let bob_line =
+        std::fs::read_to_string(&first).unwrap().lines().find(|l| l.starts_with("bob ")).unwrap().to_owned();
+    let second = dir.path().join("tokens.2");
+    std::fs::write(&second, format!("{bob_line}\nnot a valid line\n")).unwrap();
+    let swapped = dir.path().join("tokens.new");
+    std::os::unix::fs::symlink(&second, &swapped).unwrap();
+    std::fs::rename(&swapped, &link).unwrap();
+    let reloaded = server.log("reloaded auth tokens with problems").await;
+    assert_eq!((reloaded["tokens"].as_u64(), reloaded["why"].as_str()), (Some(1), Some("the file changed")));
+
+    let status = client.place_order(bearer(limit_order(&new_key()), &tokens.alice)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "alice's token was removed");
+    client.place_order(bearer(limit_order(&new_key()), &tokens.bob)).await.expect("bob's token still works");
+    let metrics = crate::operations::scrape(server.metrics_addr.as_deref().unwrap()).await;
+    assert!(metrics.contains("orders_auth_token_reload_failures_total 1"), "the failed reload is counted");
+    server.signal("TERM");
+    assert!(server.child.wait().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn check_tokens_validates_a_file_before_it_is_deployed() {
+    let tokens = Tokens::new();
+    let out = tokio::process::Command::new(BIN)
+        .args(["check-tokens", tokens.file().to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 tokens"));
+    let bad = tokens.dir.path().join("bad");
+    std::fs::write(&bad, format!("anonymous {}\nalice\n", "a".repeat(64))).unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["check-tokens", bad.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 1") && stderr.contains("reserved") && stderr.contains("line 2"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
