@@ -2,7 +2,10 @@
 # static-enough binary on a distroless base as a non-root user, with no shell.
 #
 #   docker build -t order-service .
-#   docker run -p 50051:50051 -e ORDERS_ALLOW_UNAUTHENTICATED=true order-service
+#   docker run -p 127.0.0.1:50051:50051 -e ORDERS_ALLOW_UNAUTHENTICATED=true order-service
+#
+# (published on the host's loopback only: without --auth-tokens-file or
+# --tls-client-ca every caller is `anonymous`; serve other hosts only with one.)
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src

@@ -72,7 +72,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves `GET /metrics` on `listener` until `stop` resolves.
 pub fn serve(
-    listener: TcpListener,
+    listener: crate::net::GuardedListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let handle = handle()?;

@@ -41,44 +41,94 @@ pub const HANDSHAKE_BYTES: usize = 24 + 9;
 /// The longest wait after a failed accept.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// The connections of `incoming`, each closed unless its first
-/// [`HANDSHAKE_BYTES`] arrive within `timeout`, and each holding one of
-/// `slots` while open (over the cap, closed at once). Failed accepts back off.
-pub fn guarded(
-    incoming: TcpIncoming,
+/// What every listener does with an accepted connection: a slot under
+/// `--max-connections` (none left: closed at once and counted), and the
+/// handshake deadline; a failed accept backs off, logged and counted.
+#[derive(Debug, Clone)]
+pub struct Admission {
     timeout: Duration,
     slots: Arc<Semaphore>,
-) -> impl Stream<Item = io::Result<DeadlineStream>> {
-    let backoff_ms = Arc::new(AtomicU64::new(0));
-    incoming
-        .then(move |accepted| {
-            let (slots, backoff_ms) = (slots.clone(), backoff_ms.clone());
-            async move {
-                match accepted {
-                    Ok(stream) => {
-                        backoff_ms.store(0, Ordering::Relaxed);
-                        match slots.try_acquire_owned() {
-                            Ok(slot) => Some(Ok(DeadlineStream::new(stream, timeout, Some(slot)))),
-                            Err(_) => {
-                                crate::metrics::record_connection_refused("max_connections");
-                                tracing::debug!(peer = ?stream.peer_addr().ok(), "closing a connection over --max-connections");
-                                None
-                            }
-                        }
-                    }
-                    Err(error) => {
-                        let last = backoff_ms.load(Ordering::Relaxed);
-                        let wait = Duration::from_millis((last * 2).clamp(10, MAX_ACCEPT_BACKOFF.as_millis() as u64));
-                        backoff_ms.store(wait.as_millis() as u64, Ordering::Relaxed);
-                        crate::metrics::record_accept_error();
-                        tracing::warn!(%error, backoff_ms = wait.as_millis() as u64, "accepting a connection failed; backing off");
-                        tokio::time::sleep(wait).await;
+    backoff_ms: Arc<AtomicU64>,
+}
+
+impl Admission {
+    /// Connections get `timeout` to start their handshake and share `slots`.
+    pub fn new(timeout: Duration, slots: Arc<Semaphore>) -> Self {
+        Self { timeout, slots, backoff_ms: Arc::default() }
+    }
+
+    /// The connection to serve, if any, from one accept.
+    async fn admit(&self, accepted: io::Result<TcpStream>) -> Option<DeadlineStream> {
+        match accepted {
+            Ok(stream) => {
+                self.backoff_ms.store(0, Ordering::Relaxed);
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(slot) => Some(DeadlineStream::new(stream, self.timeout, Some(slot))),
+                    Err(_) => {
+                        crate::metrics::record_connection_refused("max_connections");
+                        tracing::debug!(peer = ?stream.peer_addr().ok(), "closing a connection over --max-connections");
                         None
                     }
                 }
             }
+            Err(error) => {
+                let last = self.backoff_ms.load(Ordering::Relaxed);
+                let cap = MAX_ACCEPT_BACKOFF.as_millis() as u64;
+                let wait = (last * 2).clamp(10, cap);
+                self.backoff_ms.store(wait, Ordering::Relaxed);
+                crate::metrics::record_accept_error();
+                tracing::warn!(%error, backoff_ms = wait, "accepting a connection failed; backing off");
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                None
+            }
+        }
+    }
+}
+
+/// The connections of `incoming` that `admission` lets in.
+pub fn guarded(
+    incoming: TcpIncoming,
+    admission: Admission,
+) -> impl Stream<Item = io::Result<DeadlineStream>> {
+    incoming
+        .then(move |accepted| {
+            let admission = admission.clone();
+            async move { admission.admit(accepted).await.map(Ok) }
         })
-        .filter_map(|accepted| accepted)
+        .filter_map(|admitted| admitted)
+}
+
+/// A listener for axum (the metrics endpoint) under the same admission.
+#[derive(Debug)]
+pub struct GuardedListener {
+    inner: tokio::net::TcpListener,
+    admission: Admission,
+}
+
+impl GuardedListener {
+    /// `inner`, admitting connections by `admission`.
+    pub fn new(inner: tokio::net::TcpListener, admission: Admission) -> Self {
+        Self { inner, admission }
+    }
+}
+
+impl axum::serve::Listener for GuardedListener {
+    type Io = DeadlineStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let accepted = self.inner.accept().await;
+            let peer = accepted.as_ref().ok().map(|(_, peer)| *peer);
+            if let (Some(stream), Some(peer)) = (self.admission.admit(accepted.map(|(s, _)| s)).await, peer) {
+                return (stream, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }
 
 /// How many connections `--max-connections 0` allows: the soft open-file

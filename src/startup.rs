@@ -206,7 +206,10 @@ impl Application {
             n => n as usize,
         };
         tracing::info!(max_connections, "connections are capped");
-        let connection_slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+        let admission = crate::net::Admission::new(
+            config.handshake_timeout,
+            Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        );
         let api = OrderServiceServer::new(OrderApi::new(store.clone(), auth.clone(), settings))
             .max_decoding_message_size(config.max_request_size as usize);
 
@@ -237,16 +240,13 @@ impl Application {
         let mut side_servers = Vec::new();
         if let Some(listener) = metrics_listener {
             let metrics_addr = listener.local_addr()?;
+            let listener = crate::net::GuardedListener::new(listener, admission.clone());
             side_servers.push(metrics::serve(listener, stopped(&servers_rx))?);
             tracing::info!(addr = %metrics_addr, "metrics listening");
         }
         if let Some(listener) = health_listener {
             let health_addr = listener.local_addr()?;
-            let incoming = crate::net::guarded(
-                TcpIncoming::from(listener),
-                config.handshake_timeout,
-                connection_slots.clone(),
-            );
+            let incoming = crate::net::guarded(TcpIncoming::from(listener), admission.clone());
             let health_only = Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -283,8 +283,7 @@ impl Application {
         }
         let incoming = crate::net::guarded(
             TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE)),
-            config.handshake_timeout,
-            connection_slots.clone(),
+            admission.clone(),
         );
         let server = builder
             .add_service(health_service)

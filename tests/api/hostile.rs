@@ -236,3 +236,35 @@ async fn out_of_descriptors_accepts_back_off_and_health_still_answers() {
     assert!(errors > 0.0, "failed accepts are counted");
     assert!(cpu < 100, "no spinning: {cpu} ticks of CPU in 2 s (a spinning core is 200)");
 }
+
+/// The plain-text health listener and the metrics listener close silent and
+/// half-sent connections within `--handshake-timeout`, as the gRPC one does.
+#[tokio::test]
+async fn every_listener_closes_silent_and_half_sent_connections() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let server = ServerProcess::start(&[
+        "--database-url",
+        &database.url,
+        "--handshake-timeout",
+        "1s",
+        "--health-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    // Logged before "listening", which the start waited for.
+    let health: std::net::SocketAddr = server
+        .lines()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["message"] == "health listening")
+        .and_then(|event| event["addr"].as_str()?.parse().ok())
+        .expect("the health listener's address");
+    let metrics: std::net::SocketAddr = server.metrics_addr.clone().unwrap().parse().unwrap();
+    for (name, addr) in [("health", health), ("metrics", metrics), ("gRPC", server.addr)] {
+        let silent = TcpStream::connect(addr).await.unwrap();
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /metr").await.unwrap();
+        assert!(closed_by_server(silent).await, "{name}: a silent connection is closed");
+        assert!(closed_by_server(half).await, "{name}: a half-sent request is closed");
+    }
+}
