@@ -110,6 +110,15 @@ pub struct Config {
     #[arg(long, env = "ORDERS_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Which one field of a client certificate names its account, with no
+    /// fallback to another: `uri` (its URI SAN, e.g. a SPIFFE ID, whole),
+    /// `uri-prefix:PREFIX` (the rest of the URI SAN that starts with PREFIX,
+    /// e.g. `uri-prefix:spiffe://example.org/account/`), `dns` (its DNS
+    /// SAN) or `cn` (its subject CN). A certificate with none, or with more
+    /// than one, is refused.
+    #[arg(long, env = "ORDERS_TLS_CLIENT_IDENTITY", default_value = "uri", value_parser = cert_identity)]
+    pub tls_client_identity: CertIdentity,
+
     /// Serve a non-loopback address without authentication (when a service
     /// mesh authenticates callers); every caller is then `anonymous`.
     #[arg(long, env = "ORDERS_ALLOW_UNAUTHENTICATED")]
@@ -209,6 +218,32 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// Which field of a client certificate names its account (see
+/// `--tls-client-identity`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertIdentity {
+    /// The URI SAN, whole.
+    Uri,
+    /// The rest of the URI SAN under this prefix.
+    UriPrefix(String),
+    /// The DNS SAN.
+    Dns,
+    /// The subject common name.
+    Cn,
+}
+
+fn cert_identity(s: &str) -> Result<CertIdentity, String> {
+    match s {
+        "uri" => Ok(CertIdentity::Uri),
+        "dns" => Ok(CertIdentity::Dns),
+        "cn" => Ok(CertIdentity::Cn),
+        _ => match s.strip_prefix("uri-prefix:") {
+            Some(prefix) if !prefix.is_empty() => Ok(CertIdentity::UriPrefix(prefix.to_owned())),
+            _ => Err("expected uri, uri-prefix:PREFIX, dns or cn".to_owned()),
+        },
     }
 }
 

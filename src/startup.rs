@@ -98,8 +98,10 @@ impl Application {
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
         let hangups = Hangups::install();
-        let auth =
-            Arc::new(Authenticator::new(config.auth_tokens_file.as_deref(), config.tls_client_ca.is_some())?);
+        let auth = Arc::new(Authenticator::new(
+            config.auth_tokens_file.as_deref(),
+            config.tls_client_ca.is_some().then(|| config.tls_client_identity.clone()),
+        )?);
         let tls = tls_config(&config)?;
         let options = StoreOptions {
             max_connections: config.db_max_connections,

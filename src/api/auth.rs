@@ -5,8 +5,9 @@
 //! Precedence: a call that carries `authorization: Bearer …` is the token's
 //! account, and a bad token is refused even if the connection has a valid
 //! client certificate. A call without a token is identified by its client
-//! certificate: the first URI SAN (e.g. a SPIFFE ID), else the first DNS SAN,
-//! else the subject CN. Tokens are never logged; the file holds only their
+//! certificate: by the one field `--tls-client-identity` names (the URI SAN,
+//! whole or under a prefix, the DNS SAN, or the CN), never falling back to
+//! another; a certificate with none or several values there is refused. Tokens are never logged; the file holds only their
 //! SHA-256, compared in constant time.
 //!
 //! Order calls are authenticated by [`AuthLayer`] from their headers and
@@ -36,7 +37,7 @@ use tonic::{
 };
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
-use crate::{domain::AccountId, error::Error};
+use crate::{config::CertIdentity, domain::AccountId, error::Error};
 
 /// The longest account id accepted from a token file or a certificate.
 const MAX_ACCOUNT_LEN: usize = 256;
@@ -65,7 +66,8 @@ impl std::fmt::Debug for Entry {
 #[derive(Debug)]
 pub struct Authenticator {
     tokens: Option<TokenFile>,
-    client_certs: bool,
+    /// How client certificates name accounts, under mutual TLS.
+    client_certs: Option<CertIdentity>,
 }
 
 /// Parses a token file: `ACCOUNT SHA256-HEX` per line; blank lines and `#`
@@ -140,9 +142,9 @@ fn load(path: &Path) -> anyhow::Result<Vec<Entry>> {
 }
 
 impl Authenticator {
-    /// Loads the token file, if any; `client_certs` says whether mutual TLS
-    /// identifies callers.
-    pub fn new(tokens_file: Option<&Path>, client_certs: bool) -> anyhow::Result<Self> {
+    /// Loads the token file, if any; `client_certs` says whether (and by
+    /// which field) mutual TLS identifies callers.
+    pub fn new(tokens_file: Option<&Path>, client_certs: Option<CertIdentity>) -> anyhow::Result<Self> {
         let tokens = match tokens_file {
             Some(path) => {
                 let entries = load(path)?;
@@ -155,7 +157,7 @@ impl Authenticator {
 
     /// Every caller is `anonymous`.
     pub fn anonymous() -> Self {
-        Self { tokens: None, client_certs: false }
+        Self { tokens: None, client_certs: None }
     }
 
     /// The token file's path, if tokens are configured.
@@ -212,18 +214,20 @@ impl Authenticator {
                 .ok_or(Error::Unauthenticated("the authorization header must be `Bearer TOKEN`"))?;
             return tokens.account_of(token).ok_or(Error::Unauthenticated("unknown or revoked token"));
         }
-        let peer_certs = || extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.peer_certs());
-        if self.client_certs
-            && let Some(account) = peer_certs().and_then(|certs| certs.first().and_then(|c| identity(c)))
-        {
-            return Ok(account);
+        if let Some(field) = &self.client_certs {
+            let peer_certs = extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.peer_certs());
+            if let Some(cert) = peer_certs.as_ref().and_then(|certs| certs.first()) {
+                return identity(cert, field).map_err(Error::Unauthenticated);
+            }
         }
-        match (&self.tokens, self.client_certs) {
-            (None, false) => Ok(AccountId::anonymous()),
+        match (&self.tokens, &self.client_certs) {
+            (None, None) => Ok(AccountId::anonymous()),
             (Some(_), _) => {
                 Err(Error::Unauthenticated("missing credentials: send `authorization: Bearer TOKEN`"))
             }
-            (None, true) => Err(Error::Unauthenticated("the client certificate names no identity")),
+            (None, Some(_)) => {
+                Err(Error::Unauthenticated("missing credentials: present a client certificate"))
+            }
         }
     }
 }
@@ -313,18 +317,35 @@ impl TokenFile {
     }
 }
 
-/// The identity a client certificate names: first URI SAN, else first DNS
-/// SAN, else subject CN.
-fn identity(der: &[u8]) -> Option<AccountId> {
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+/// The account a client certificate names in `field`: exactly one value
+/// there, and no other field looked at.
+fn identity(der: &[u8], field: &CertIdentity) -> Result<AccountId, &'static str> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|_| "the client certificate cannot be read")?;
     let names = cert.subject_alternative_name().ok().flatten().map(|san| san.value.general_names.clone());
     let names = names.unwrap_or_default();
-    let uri = names.iter().find_map(|n| if let GeneralName::URI(u) = n { Some(*u) } else { None });
-    let dns = names.iter().find_map(|n| if let GeneralName::DNSName(d) = n { Some(*d) } else { None });
-    let cn = || cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok());
-    let id = uri.or(dns).or_else(cn)?;
-    valid_account(id).ok()?;
-    Some(AccountId::new(id))
+    let uris = || names.iter().filter_map(|n| if let GeneralName::URI(u) = n { Some(*u) } else { None });
+    let candidates: Vec<&str> = match field {
+        CertIdentity::Uri => uris().collect(),
+        CertIdentity::UriPrefix(prefix) => uris().filter_map(|u| u.strip_prefix(prefix.as_str())).collect(),
+        CertIdentity::Dns => names
+            .iter()
+            .filter_map(|n| if let GeneralName::DNSName(d) = n { Some(*d) } else { None })
+            .collect(),
+        CertIdentity::Cn => {
+            let cns: Option<Vec<&str>> =
+                cert.subject().iter_common_name().map(|cn| cn.as_str().ok()).collect();
+            cns.ok_or("the client certificate's CN cannot be read")?
+        }
+    };
+    match candidates[..] {
+        [] => Err("the client certificate names no identity in the field --tls-client-identity names"),
+        [one] => {
+            valid_account(one).map_err(|_| "the client certificate's identity is not a valid account")?;
+            Ok(AccountId::new(one))
+        }
+        _ => Err("the client certificate names several identities in the field --tls-client-identity names"),
+    }
 }
 
 /// A fresh random token and its token-file line for `account`.

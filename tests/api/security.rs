@@ -192,11 +192,26 @@ impl Pki {
             ),
             ("dns", vec![SanType::DnsName("billing.internal".try_into().unwrap())], "ignored-cn"),
             ("cn", vec![], "reporting"),
+            (
+                "two-uris",
+                vec![
+                    SanType::URI("spiffe://example.test/ns/prod/sa/dave".try_into().unwrap()),
+                    SanType::URI("spiffe://example.test/ns/prod/sa/eve".try_into().unwrap()),
+                ],
+                "dave",
+            ),
         ] {
             let (cert, key) = Pki::leaf(&ca, sans, cn);
             std::fs::write(pki.path(&format!("{name}.pem")), cert).unwrap();
             std::fs::write(pki.path(&format!("{name}.key")), key).unwrap();
         }
+        // A subject with two CNs (`CN=dave/CN=eve`).
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "dave");
+        params.distinguished_name.push(DnType::CustomDnType(vec![2, 5, 4, 3]), "eve");
+        std::fs::write(pki.path("two-cns.pem"), params.signed_by(&key, &ca).unwrap().pem()).unwrap();
+        std::fs::write(pki.path("two-cns.key"), key.serialize_pem()).unwrap();
         pki
     }
 
@@ -261,14 +276,14 @@ async fn mutual_tls_names_the_caller_by_its_certificate_and_refuses_order_calls_
     })
     .await;
 
-    for (cert, account) in [
-        ("spiffe", "spiffe://example.test/ns/prod/sa/checkout"),
-        ("dns", "billing.internal"),
-        ("cn", "reporting"),
-    ] {
+    // By default the URI SAN names the account, and nothing else does.
+    let mut client = pki.client(app.addr, Some("spiffe")).await.unwrap();
+    let placed = client.place_order(limit_order(&new_key())).await.unwrap().into_inner();
+    assert_eq!(placed.order.unwrap().account_id, "spiffe://example.test/ns/prod/sa/checkout");
+    for cert in ["dns", "cn"] {
         let mut client = pki.client(app.addr, Some(cert)).await.unwrap();
-        let placed = client.place_order(limit_order(&new_key())).await.unwrap().into_inner();
-        assert_eq!(placed.order.unwrap().account_id, account, "{cert}");
+        let status = client.place_order(limit_order(&new_key())).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{cert}: no fallback to another field");
     }
 
     // A token, when present, names the caller: it takes precedence.
@@ -299,7 +314,51 @@ async fn mutual_tls_names_the_caller_by_its_certificate_and_refuses_order_calls_
     let mut plain =
         OrderServiceClient::new(Channel::from_shared(format!("http://{}", app.addr)).unwrap().connect_lazy());
     assert!(plain.place_order(limit_order(&new_key())).await.is_err());
-    assert_eq!(app.count("orders").await, 4);
+    assert_eq!(app.count("orders").await, 2);
+}
+
+/// `--tls-client-identity` names one field of the certificate: the account
+/// is its one value there; a certificate with several is refused.
+#[tokio::test]
+async fn one_certificate_field_names_the_account_and_several_values_are_refused() {
+    let pki = Pki::new();
+    let cases: [(&str, &str, Option<&str>); 8] = [
+        ("uri", "spiffe", Some("spiffe://example.test/ns/prod/sa/checkout")),
+        ("uri", "two-uris", None),
+        ("uri-prefix:spiffe://example.test/ns/prod/sa/", "spiffe", Some("checkout")),
+        ("uri-prefix:spiffe://example.test/ns/staging/sa/", "spiffe", None),
+        ("dns", "dns", Some("billing.internal")),
+        ("dns", "cn", None),
+        ("cn", "cn", Some("reporting")),
+        ("cn", "two-cns", None),
+    ];
+    for (field, cert, account) in cases {
+        let app = spawn_app_with(Engine::Sqlite, |c| {
+            pki.serve_tls(c);
+            c.tls_client_ca = Some(pki.path("ca.pem"));
+            c.tls_client_identity = clap::Parser::try_parse_from([
+                "order-service",
+                "--tls-cert",
+                "x",
+                "--tls-key",
+                "x",
+                "--tls-client-identity",
+                field,
+            ])
+            .map(|c: order_service::config::Config| c.tls_client_identity)
+            .unwrap();
+        })
+        .await;
+        let mut client = pki.client(app.addr, Some(cert)).await.unwrap();
+        let answer = client.place_order(limit_order(&new_key())).await;
+        match account {
+            Some(account) => {
+                let placed = answer.unwrap_or_else(|s| panic!("{field} {cert}: {s:?}")).into_inner();
+                assert_eq!(placed.order.unwrap().account_id, account, "{field} {cert}");
+            }
+            None => assert_eq!(answer.unwrap_err().code(), Code::Unauthenticated, "{field} {cert}"),
+        }
+    }
 }
 
 async fn tls_without_client_certificates_serves_token_callers(engine: Engine) {
