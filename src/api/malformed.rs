@@ -1,6 +1,7 @@
-//! Requests whose message does not decode as the method's protobuf answer
-//! `INVALID_ARGUMENT`, not the `INTERNAL` tonic gives them: the fault is the
-//! caller's, and `INTERNAL` is what pages whoever runs the service.
+//! Requests whose message cannot be read (it does not decode as the
+//! method's protobuf, is flagged compressed, is cut short, or is missing)
+//! answer `INVALID_ARGUMENT`, not the `INTERNAL` tonic gives them: the fault
+//! is the caller's, and `INTERNAL` is what pages whoever runs the service.
 //!
 //! tonic decodes the message before any handler runs, and answers a decode
 //! failure with a trailers-only response carrying `grpc-status: 13` and a
@@ -21,10 +22,27 @@ use std::{
 
 use tonic::{Code, codegen::http};
 
-/// What tonic's decode failures say first (prost's `DecodeError`), as it
-/// appears in `grpc-message`: percent-encoded, spaces included.
-const DECODE_FAILURE: [&[u8]; 2] =
-    [b"failed%20to%20decode%20Protobuf%20message", b"failed to decode Protobuf message"];
+/// What tonic's answers to a request it could not read say first: a
+/// message that does not decode (prost's `DecodeError`), a frame flagged
+/// compressed (none is accepted: no `grpc-encoding` is served), a bad flag,
+/// a body cut short, or no message at all. Each is the caller's fault, and
+/// each is refused before any handler runs. (The gRPC compression doc asks
+/// INTERNAL for the compressed flag; that pages operators for a caller's
+/// bug, so it is INVALID_ARGUMENT here too.)
+const READ_FAILURES: [&str; 5] = [
+    "failed to decode Protobuf message",
+    "protocol error: received message with compressed-flag",
+    "protocol error: received message with invalid compression flag",
+    "Unexpected EOF decoding stream",
+    "Missing request message",
+];
+
+/// Whether a `grpc-message` (percent-encoded as sent) is one of
+/// [`READ_FAILURES`].
+fn is_read_failure(message: &[u8]) -> bool {
+    let decoded = String::from_utf8_lossy(message).replace("%20", " ");
+    READ_FAILURES.iter().any(|failure| decoded.starts_with(failure))
+}
 
 /// When a call reached the service (see the module doc), in its request's
 /// extensions.
@@ -69,9 +87,7 @@ where
             let mut response = response.await?;
             let headers = response.headers_mut();
             let internal = headers.get("grpc-status").is_some_and(|s| s.as_bytes() == b"13");
-            let undecodable = headers
-                .get("grpc-message")
-                .is_some_and(|m| DECODE_FAILURE.iter().any(|d| m.as_bytes().starts_with(d)));
+            let undecodable = headers.get("grpc-message").is_some_and(|m| is_read_failure(m.as_bytes()));
             if internal && undecodable {
                 headers.insert("grpc-status", http::HeaderValue::from(Code::InvalidArgument as i32));
                 tracing::info!(

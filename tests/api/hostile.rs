@@ -56,6 +56,19 @@ async fn malformed_messages_and_unknown_enums_get_clear_errors_and_write_nothing
         .collect();
     assert_eq!(fields, ["side", "order_type", "time_in_force"]);
 
+    // Bodies that are not gRPC messages at all: a frame flagged compressed
+    // (no compression is served), a body cut short, no message.
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&4u32.to_be_bytes());
+    frame.extend_from_slice(b"\x0a\x02ab");
+    let mut short = vec![0u8];
+    short.extend_from_slice(&100u32.to_be_bytes());
+    short.extend_from_slice(b"\x0a\x02ab");
+    for (name, body) in [("compressed flag", frame), ("cut short", short), ("no message", Vec::new())] {
+        let (status, message) = raw_grpc(app.addr, "/orders.v1.OrderService/PlaceOrder", body).await;
+        assert_eq!(status, "3", "{name}: INVALID_ARGUMENT ({message}), not INTERNAL");
+    }
+
     // Huge strings: validation::a_huge_field_is_refused_without_echoing_it_whole
     // (within the message limit) and security::an_oversized_request_is_refused_and_the_server_keeps_serving
     // (past it).
@@ -66,6 +79,37 @@ async fn malformed_messages_and_unknown_enums_get_clear_errors_and_write_nothing
 }
 
 engine_tests!(malformed_messages_and_unknown_enums_get_clear_errors_and_write_nothing);
+
+/// Sends `body` as it is, as the whole request body of a gRPC call to `path`
+/// on a fresh HTTP/2 connection; the `grpc-status` and `grpc-message` of the
+/// answer (from its headers or its trailers).
+async fn raw_grpc(addr: std::net::SocketAddr, path: &str, body: Vec<u8>) -> (String, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let request = tonic::codegen::http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut stream) = sender.send_request(request, false).unwrap();
+    stream.send_data(body.into(), true).unwrap();
+    let response = response.await.unwrap();
+    let pick = |headers: &tonic::codegen::http::HeaderMap| {
+        let get = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("").to_owned());
+        get("grpc-status").map(|status| (status, get("grpc-message").unwrap_or_default()))
+    };
+    if let Some(found) = pick(response.headers()) {
+        return found;
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        let _ = data.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    pick(&trailers).expect("a grpc-status")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_abandoned_connections_is_closed_and_good_callers_are_served() {
