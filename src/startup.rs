@@ -274,8 +274,11 @@ impl Application {
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            // No max_connection_age_grace: with one, tonic 0.14 sends no
+            // GOAWAY at the age but closes the connection, calls and all,
+            // at age + grace. Without it, the GOAWAY goes out at the age and
+            // the calls in flight finish, each within --request-timeout.
             .max_connection_age(config.max_connection_age)
-            .max_connection_age_grace(config.shutdown_grace)
             // Outermost first: the metrics see the code the caller gets.
             .layer(crate::metrics::RpcMetricsLayer)
             .layer(crate::api::MalformedRequestsLayer)

@@ -312,3 +312,39 @@ async fn every_listener_closes_silent_and_half_sent_connections() {
         assert!(closed_by_server(half).await, "{name}: a half-sent request is closed");
     }
 }
+
+/// At `--max-connection-age` the server sends GOAWAY and lets the calls in
+/// flight finish: a call waiting (for the SQLite lock) across the age, and
+/// across what used to be the grace after it, completes. (With a grace set,
+/// tonic sent no GOAWAY and cut the connection at age + grace.)
+#[tokio::test]
+async fn max_connection_age_lets_the_calls_in_flight_finish() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let server = ServerProcess::start(&[
+        "--database-url",
+        &database.url,
+        "--max-connection-age",
+        "1s",
+        "--shutdown-grace",
+        "500ms",
+    ])
+    .await;
+    let mut client =
+        order_service::proto::order_service_client::OrderServiceClient::new(channel(server.addr).await);
+    client.place_order(limit_order(&new_key())).await.expect("the database is ready");
+    let pool = sqlx::SqlitePool::connect(&database.url).await.unwrap();
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::raw_sql("begin immediate").execute(&mut *holder).await.unwrap();
+    let mut client =
+        order_service::proto::order_service_client::OrderServiceClient::new(channel(server.addr).await);
+    let call = tokio::spawn(async move {
+        let mut request = Request::new(limit_order(&new_key()));
+        request.set_timeout(Duration::from_secs(10));
+        client.place_order(request).await
+    });
+    // Past the connection's age (1 s) and the old grace after it (0.5 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sqlx::raw_sql("rollback").execute(&mut *holder).await.unwrap();
+    let answer = call.await.unwrap();
+    assert!(answer.is_ok(), "the call in flight at the connection's age finished: {answer:?}");
+}
