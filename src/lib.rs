@@ -15,9 +15,11 @@
 //!   every RPC, and `GET /metrics`.
 //! - [`startup`]: [`startup::Application`]: connect, migrate, bind; then run
 //!   until a shutdown signal and drain.
-//! - [`net`]: accepted connections must start their handshake in time.
+//! - [`net`]: what every listener admits: a slot under `--max-connections`,
+//!   a deadline to start the handshake, and backoff when accepting fails.
 //! - [`proto`]: generated protobuf and gRPC code, and the descriptor set.
-//! - [`api`]: the gRPC layer: request to domain to store to response.
+//! - [`api`]: the gRPC layer: callers authenticated from their headers, then
+//!   request to domain to store to response.
 //! - [`domain`]: validated types (keys, symbols, decimals, orders); no I/O.
 //! - [`store`]: the [`store::Store`] over SQLite or Postgres; all SQL lives there.
 //! - [`error`]: the one [`error::Error`] and its mapping to `tonic::Status`.

@@ -1,4 +1,5 @@
-//! Accepted connections must start their handshake in time.
+//! What every listener admits: accepted connections must start their
+//! handshake in time, and may not outnumber `--max-connections`.
 //!
 //! Neither tonic nor hyper bound how long a connection may sit before its
 //! HTTP/2 connection preface arrives, so a client could hold any number of

@@ -221,12 +221,7 @@ async fn connections_over_the_cap_are_closed_at_once_and_counted() {
     drop(flood);
     let mut fresh = tonic_health::pb::health_client::HealthClient::new(channel(server.addr).await);
     healthy_within_a_second(&mut fresh, "after the flood, on a new connection").await;
-    let metrics = crate::operations::scrape(server.metrics_addr.as_deref().unwrap()).await;
-    let refused = metrics
-        .lines()
-        .find(|l| l.starts_with("orders_connections_refused_total{reason=\"max_connections\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let refused = server.metric("orders_connections_refused_total{reason=\"max_connections\"}").await;
     println!(
         "over the cap: 300 idle connections, {refused} refused and counted, {fds_during} descriptors open, \
          {cpu_during} CPU ticks"
@@ -270,12 +265,7 @@ async fn out_of_descriptors_accepts_back_off_and_health_still_answers() {
     tokio::time::timeout(Duration::from_secs(5), settled).await.expect("descriptors come back");
     let mut fresh = tonic_health::pb::health_client::HealthClient::new(channel(server.addr).await);
     healthy_within_a_second(&mut fresh, "after the flood, on a new connection").await;
-    let metrics = crate::operations::scrape(server.metrics_addr.as_deref().unwrap()).await;
-    let errors = metrics
-        .lines()
-        .find(|l| l.starts_with("orders_accept_errors_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let errors = server.metric("orders_accept_errors_total").await;
     println!("out of descriptors: {errors} failed accepts counted, {cpu} CPU ticks in 2 s");
     assert!(errors > 0.0, "failed accepts are counted");
     assert!(cpu < 100, "no spinning: {cpu} ticks of CPU in 2 s (a spinning core is 200)");

@@ -121,6 +121,17 @@ impl ServerProcess {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// The value of the first sample on the metrics endpoint whose line
+    /// starts with `sample` (a name, with labels if any), or 0.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let metrics = crate::operations::scrape(self.metrics_addr.as_deref().expect("metrics are on")).await;
+        metrics
+            .lines()
+            .find(|line| line.starts_with(sample))
+            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// CPU time the process has used (user and system), in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
         let pid = self.child.id().expect("running");

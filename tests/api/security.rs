@@ -459,8 +459,8 @@ async fn a_token_removed_from_the_file_is_refused_once_the_file_changes_without_
     let status = client.place_order(bearer(limit_order(&new_key()), &tokens.alice)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "alice's token was removed");
     client.place_order(bearer(limit_order(&new_key()), &tokens.bob)).await.expect("bob's token still works");
-    let metrics = crate::operations::scrape(server.metrics_addr.as_deref().unwrap()).await;
-    assert!(metrics.contains("orders_auth_token_reload_failures_total 1"), "the failed reload is counted");
+    let failures = server.metric("orders_auth_token_reload_failures_total").await;
+    assert_eq!(failures, 1.0, "the failed reload is counted");
     server.signal("TERM");
     assert!(server.child.wait().await.unwrap().success());
 }
