@@ -17,6 +17,8 @@
 //!   until a shutdown signal and drain.
 //! - [`net`]: what every listener admits: a slot under `--max-connections`,
 //!   a deadline to start the handshake, and backoff when accepting fails.
+//! - [`tls`]: TLS terminated here: handshakes bounded, refusals logged,
+//!   certificates reloaded when their files change.
 //! - [`proto`]: generated protobuf and gRPC code, and the descriptor set.
 //! - [`api`]: the gRPC layer: callers authenticated from their headers, then
 //!   request to domain to store to response.
@@ -46,3 +48,4 @@ pub mod purge;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

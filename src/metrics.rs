@@ -40,6 +40,10 @@ pub const SERVING: &str = "orders_health_serving";
 pub const CONNECTIONS_REFUSED: &str = "orders_connections_refused_total";
 /// Accepts that failed (out of descriptors, EMFILE/ENFILE, …).
 pub const ACCEPT_ERRORS: &str = "orders_accept_errors_total";
+/// TLS handshakes refused (unknown CA, bad certificate, timeout, plain text).
+pub const TLS_HANDSHAKE_FAILURES: &str = "orders_tls_handshake_failures_total";
+/// Reloads of the TLS certificate, key or client CA that failed.
+pub const TLS_RELOAD_FAILURES: &str = "orders_tls_reload_failures_total";
 /// Reloads of the auth tokens file that found bad lines or no readable file.
 pub const TOKEN_RELOAD_FAILURES: &str = "orders_auth_token_reload_failures_total";
 
@@ -306,6 +310,16 @@ pub fn record_connection_refused(reason: &'static str) {
 /// Counts a failed accept.
 pub fn record_accept_error() {
     metrics::counter!(ACCEPT_ERRORS).increment(1);
+}
+
+/// Counts a refused TLS handshake.
+pub fn record_tls_handshake_failure() {
+    metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(1);
+}
+
+/// Counts a failed TLS reload.
+pub fn record_tls_reload_failure() {
+    metrics::counter!(TLS_RELOAD_FAILURES).increment(1);
 }
 
 /// Counts a token reload that found problems.

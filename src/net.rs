@@ -5,10 +5,13 @@
 //! HTTP/2 connection preface arrives, so a client could hold any number of
 //! connections (and file descriptors) open by sending nothing, or one byte.
 //! Each accepted connection gets a deadline for its first
-//! [`HANDSHAKE_BYTES`]: the HTTP/2 preface and the header of the SETTINGS
-//! frame that must follow it. Past the deadline its reads fail and hyper
-//! closes it. After that, HTTP/2 keepalive pings bound a peer that stops
-//! answering, and `--max-connection-age` bounds every connection.
+//! [`HANDSHAKE_BYTES`] of HTTP: the HTTP/2 preface and the header of the
+//! SETTINGS frame that must follow it. Under TLS the same deadline covers
+//! the TLS handshake *and* those bytes after it (TLS is terminated here, see
+//! [`crate::tls`]), so a connection silent after its TLS handshake is closed
+//! too. Past the deadline its reads fail and hyper closes it. After that,
+//! HTTP/2 keepalive pings bound a peer that stops answering, and
+//! `--max-connection-age` bounds every connection.
 //!
 //! Every accepted connection also holds one of `--max-connections` slots
 //! until it closes; over the cap a new connection is closed at once and
@@ -18,6 +21,7 @@
 
 use std::{
     io,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -30,11 +34,14 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::Sleep,
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    time::{Instant, Sleep},
 };
-use tokio_stream::{Stream, StreamExt};
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::transport::server::{Connected, TcpIncoming};
+
+use crate::tls::Tls;
 
 /// The HTTP/2 client preface (24 bytes) and a frame header (9 bytes).
 pub const HANDSHAKE_BYTES: usize = 24 + 9;
@@ -52,6 +59,29 @@ pub struct Admission {
     backoff_ms: Arc<AtomicU64>,
 }
 
+/// An accepted TCP connection, and what it holds.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    pub stream: TcpStream,
+    pub ticket: Ticket,
+}
+
+/// What an admitted connection holds: its slot and its handshake deadline.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    pub peer: Option<SocketAddr>,
+    pub deadline: Instant,
+    slot: OwnedSemaphorePermit,
+}
+
+impl Ticket {
+    /// `inner` (the connection, or what TLS made of it) under this ticket's
+    /// deadline and slot.
+    pub(crate) fn wrap<S>(self, inner: S) -> DeadlineStream<S> {
+        DeadlineStream::new(inner, self.deadline, self.slot)
+    }
+}
+
 impl Admission {
     /// Connections get `timeout` to start their handshake and share `slots`.
     pub fn new(timeout: Duration, slots: Arc<Semaphore>) -> Self {
@@ -59,15 +89,19 @@ impl Admission {
     }
 
     /// The connection to serve, if any, from one accept.
-    async fn admit(&self, accepted: io::Result<TcpStream>) -> Option<DeadlineStream> {
+    async fn admit(&self, accepted: io::Result<TcpStream>) -> Option<Admitted> {
         match accepted {
             Ok(stream) => {
                 self.backoff_ms.store(0, Ordering::Relaxed);
+                let peer = stream.peer_addr().ok();
                 match self.slots.clone().try_acquire_owned() {
-                    Ok(slot) => Some(DeadlineStream::new(stream, self.timeout, Some(slot))),
+                    Ok(slot) => {
+                        let ticket = Ticket { peer, deadline: Instant::now() + self.timeout, slot };
+                        Some(Admitted { stream, ticket })
+                    }
                     Err(_) => {
                         crate::metrics::record_connection_refused("max_connections");
-                        tracing::debug!(peer = ?stream.peer_addr().ok(), "closing a connection over --max-connections");
+                        tracing::debug!(?peer, "closing a connection over --max-connections");
                         None
                     }
                 }
@@ -86,17 +120,63 @@ impl Admission {
     }
 }
 
-/// The connections of `incoming` that `admission` lets in.
-pub fn guarded(
+/// Who is at the other end of a connection: in every request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    /// The peer's address.
+    pub remote: Option<SocketAddr>,
+    /// The client certificate chain it presented in its TLS handshake.
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// A connection a listener serves: plain, or with TLS terminated here.
+#[derive(Debug)]
+pub enum Conn {
+    /// Plain text.
+    Plain(DeadlineStream<TcpStream>, PeerInfo),
+    /// After its TLS handshake.
+    Tls(Box<DeadlineStream<tokio_rustls::server::TlsStream<TcpStream>>>, PeerInfo),
+}
+
+/// The connections of `incoming` that `admission` lets in, with TLS
+/// terminated by `tls` if given. Handshakes run beside the accept loop, so a
+/// slow one holds up no other connection.
+pub fn connections(
     incoming: TcpIncoming,
     admission: Admission,
-) -> impl Stream<Item = io::Result<DeadlineStream>> {
-    incoming
-        .then(move |accepted| {
-            let admission = admission.clone();
-            async move { admission.admit(accepted).await.map(Ok) }
-        })
-        .filter_map(|admitted| admitted)
+    tls: Option<Arc<Tls>>,
+) -> impl Stream<Item = io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
+    tokio::spawn(async move {
+        let mut incoming = std::pin::pin!(incoming);
+        loop {
+            let accepted = tokio::select! {
+                accepted = incoming.next() => accepted,
+                // The server stopped: stop accepting, and free the port.
+                () = tx.closed() => return,
+            };
+            let Some(accepted) = accepted else { return };
+            let Some(admitted) = admission.admit(accepted).await else { continue };
+            match &tls {
+                None => {
+                    let peer = PeerInfo { remote: admitted.ticket.peer, certs: None };
+                    let conn = Conn::Plain(admitted.ticket.wrap(admitted.stream), peer);
+                    if tx.send(Ok(conn)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(tls) => {
+                    let (tx, tls) = (tx.clone(), tls.clone());
+                    tokio::spawn(async move {
+                        if let Some(conn) = tls.handshake(admitted).await {
+                            let _ = tx.send(Ok(conn)).await;
+                        }
+                    });
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 /// A listener for axum (the metrics endpoint) under the same admission.
@@ -114,15 +194,16 @@ impl GuardedListener {
 }
 
 impl axum::serve::Listener for GuardedListener {
-    type Io = DeadlineStream;
-    type Addr = std::net::SocketAddr;
+    type Io = DeadlineStream<TcpStream>;
+    type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            let accepted = self.inner.accept().await;
-            let peer = accepted.as_ref().ok().map(|(_, peer)| *peer);
-            if let (Some(stream), Some(peer)) = (self.admission.admit(accepted.map(|(s, _)| s)).await, peer) {
-                return (stream, peer);
+            let accepted = self.inner.accept().await.map(|(stream, _)| stream);
+            if let Some(Admitted { stream, ticket }) = self.admission.admit(accepted).await
+                && let Some(peer) = ticket.peer
+            {
+                return (ticket.wrap(stream), peer);
             }
         }
     }
@@ -146,24 +227,24 @@ pub fn default_max_connections(reserve: u64) -> usize {
     }
 }
 
-/// A TCP connection whose reads fail once its deadline passes before it has
-/// received [`HANDSHAKE_BYTES`].
+/// A connection whose reads fail once its deadline passes before it has
+/// received [`HANDSHAKE_BYTES`], holding its slot until it is dropped.
 #[derive(Debug)]
-pub struct DeadlineStream {
-    inner: TcpStream,
+pub struct DeadlineStream<S> {
+    inner: S,
     received: usize,
     deadline: Option<Pin<Box<Sleep>>>,
     /// Its place under `--max-connections`, given back when it closes.
-    _slot: Option<OwnedSemaphorePermit>,
+    _slot: OwnedSemaphorePermit,
 }
 
-impl DeadlineStream {
-    fn new(inner: TcpStream, timeout: Duration, slot: Option<OwnedSemaphorePermit>) -> Self {
-        Self { inner, received: 0, deadline: Some(Box::pin(tokio::time::sleep(timeout))), _slot: slot }
+impl<S> DeadlineStream<S> {
+    fn new(inner: S, deadline: Instant, slot: OwnedSemaphorePermit) -> Self {
+        Self { inner, received: 0, deadline: Some(Box::pin(tokio::time::sleep_until(deadline))), _slot: slot }
     }
 }
 
-impl AsyncRead for DeadlineStream {
+impl<S: AsyncRead + Unpin> AsyncRead for DeadlineStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -185,7 +266,7 @@ impl AsyncRead for DeadlineStream {
                 if !expired {
                     return Poll::Pending;
                 }
-                tracing::debug!(peer = ?this.inner.peer_addr().ok(), "closing a connection that did not start its handshake in time");
+                tracing::debug!("closing a connection that did not start its handshake in time");
                 Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "no handshake within the deadline")))
             }
             failed => failed,
@@ -193,7 +274,7 @@ impl AsyncRead for DeadlineStream {
     }
 }
 
-impl AsyncWrite for DeadlineStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for DeadlineStream<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -219,12 +300,55 @@ impl AsyncWrite for DeadlineStream {
     }
 }
 
-impl Connected for DeadlineStream {
-    type ConnectInfo = TcpConnectInfo;
+/// Calls `$method` on whichever stream a [`Conn`] holds.
+macro_rules! both {
+    ($conn:expr, $s:ident => $call:expr) => {
+        match $conn {
+            Conn::Plain($s, _) => $call,
+            Conn::Tls($s, _) => $call,
+        }
+    };
+}
 
-    /// The TCP connection's own, so TLS peer certificates and remote
-    /// addresses reach requests as they would without the deadline.
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        both!(self, s => s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = PeerInfo;
+
+    /// The peer's address and TLS client certificates, for every request.
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        match self {
+            Conn::Plain(_, peer) | Conn::Tls(_, peer) => peer.clone(),
+        }
     }
 }

@@ -3,11 +3,11 @@
 //! anything serves); [`Application::run`] serves until the shutdown future
 //! resolves, then drains.
 
-use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -58,33 +58,23 @@ pub struct Application {
     health_listener: Option<TcpListener>,
     store: Store,
     auth: Arc<Authenticator>,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<crate::tls::Tls>>,
     /// SIGHUP, caught from `build` on.
     hangups: Hangups,
     config: Config,
 }
 
-/// Reads a PEM file named by a flag.
-fn read_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
-}
-
 /// The TLS settings the flags ask for, if any.
-fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
+fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<crate::tls::Tls>>> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
-    let identity = Identity::from_pem(read_pem("--tls-cert", cert)?, read_pem("--tls-key", key)?);
-    // A TLS handshake that stalls after its first bytes is cut off too.
-    let mut tls = ServerTlsConfig::new().identity(identity).timeout(config.handshake_timeout);
-    if let Some(ca) = &config.tls_client_ca {
-        // Optional at the handshake, so health and reflection stay callable
-        // without a certificate; the order RPCs require one (or a token).
-        tls = tls
-            .client_ca_root(Certificate::from_pem(read_pem("--tls-client-ca", ca)?))
-            .client_auth_optional(true);
-    }
-    Ok(Some(tls))
+    let files = crate::tls::TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: config.tls_client_ca.clone(),
+    };
+    Ok(Some(Arc::new(crate::tls::Tls::load(files)?)))
 }
 
 impl Application {
@@ -224,6 +214,9 @@ impl Application {
                 let _ = rx.changed().await;
             }
         };
+        if let Some(tls) = &tls {
+            tokio::spawn(crate::tls::follow_files(tls.clone(), background_rx.clone()));
+        }
         let background = [
             tokio::spawn(purge::run(
                 store.clone(),
@@ -248,7 +241,7 @@ impl Application {
         }
         if let Some(listener) = health_listener {
             let health_addr = listener.local_addr()?;
-            let incoming = crate::net::guarded(TcpIncoming::from(listener), admission.clone());
+            let incoming = crate::net::connections(TcpIncoming::from(listener), admission.clone(), None);
             let health_only = Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -283,12 +276,10 @@ impl Application {
             .layer(crate::metrics::RpcMetricsLayer)
             .layer(crate::api::MalformedRequestsLayer)
             .layer(crate::api::AuthLayer(auth.clone()));
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls).context("configuring TLS")?;
-        }
-        let incoming = crate::net::guarded(
+        let incoming = crate::net::connections(
             TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE)),
             admission.clone(),
+            tls.clone(),
         );
         let server = builder
             .add_service(health_service)

@@ -30,11 +30,7 @@ use std::{
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::{
-    Request, Status,
-    codegen::http,
-    transport::server::{TcpConnectInfo, TlsConnectInfo},
-};
+use tonic::{Request, Status, codegen::http};
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
 use crate::{config::CertIdentity, domain::AccountId, error::Error};
@@ -215,7 +211,7 @@ impl Authenticator {
             return tokens.account_of(token).ok_or(Error::Unauthenticated("unknown or revoked token"));
         }
         if let Some(field) = &self.client_certs {
-            let peer_certs = extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.peer_certs());
+            let peer_certs = extensions.get::<crate::net::PeerInfo>().and_then(|peer| peer.certs.clone());
             if let Some(cert) = peer_certs.as_ref().and_then(|certs| certs.first()) {
                 return identity(cert, field).map_err(Error::Unauthenticated);
             }

@@ -44,6 +44,15 @@ impl Tokens {
     }
 }
 
+/// Replaces `path` with `text` at once (a rename), as a tokens file should
+/// be replaced: the server, which rereads it when it changes, never sees it
+/// half-written.
+fn write_atomically(path: &std::path::Path, text: &str) {
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
 /// `message` with `authorization: Bearer token`.
 fn bearer<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
@@ -401,7 +410,7 @@ async fn a_token_removed_from_the_file_is_revoked_on_sighup_and_a_new_one_accept
     let (carol, carol_line) = order_service::api::new_token("carol").unwrap();
     let bob_line =
         std::fs::read_to_string(&file).unwrap().lines().find(|l| l.starts_with("bob ")).unwrap().to_owned();
-    std::fs::write(&file, format!("{bob_line}\n{carol_line}\n")).unwrap();
+    write_atomically(&file, &format!("{bob_line}\n{carol_line}\n"));
     server.signal("HUP");
     let reloaded = server.log("reloaded auth tokens").await;
     assert_eq!(reloaded["tokens"], 2);
@@ -413,7 +422,7 @@ async fn a_token_removed_from_the_file_is_revoked_on_sighup_and_a_new_one_accept
     client.place_order(bearer(limit_order(&new_key()), &tokens.bob)).await.expect("bob's token still works");
 
     // A bad line grants nothing and takes nothing back from the good ones.
-    std::fs::write(&file, format!("carol not-a-hash\n{bob_line}\n")).unwrap();
+    write_atomically(&file, &format!("carol not-a-hash\n{bob_line}\n"));
     server.signal("HUP");
     let problems = server.log("reloaded auth tokens with problems").await;
     assert_eq!(problems["tokens"], 1);
@@ -651,4 +660,120 @@ async fn sqlite_files_are_created_private() {
         let mode = std::fs::metadata(format!("{db}{suffix}")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{db}{suffix} has mode {mode:o}");
     }
+}
+
+/// A TLS client config trusting `ca_pem`, presenting no certificate.
+fn tls_client(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    use tokio_rustls::rustls::{
+        ClientConfig, RootCertStore, pki_types::CertificateDer, pki_types::pem::PemObject,
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// A server process serving TLS from `pki`'s files (copied into `dir`, so a
+/// test can replace them), with client certificates and a 1 s handshake
+/// timeout.
+async fn tls_server(pki: &Pki, dir: &std::path::Path) -> ServerProcess {
+    for name in ["server.pem", "server.key", "ca.pem"] {
+        std::fs::copy(pki.path(name), dir.join(name)).unwrap();
+    }
+    let url = format!("sqlite://{}", dir.join("orders.db").display());
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let (cert, key, ca) = (path("server.pem"), path("server.key"), path("ca.pem"));
+    ServerProcess::start(&[
+        "--database-url",
+        &url,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+        "--handshake-timeout",
+        "1s",
+    ])
+    .await
+}
+
+/// A connection that finishes its TLS handshake and then says nothing is
+/// closed within the handshake timeout (it used to be held until the
+/// connection's maximum age: the TLS handshake met the deadline).
+#[tokio::test]
+async fn a_connection_silent_after_its_tls_handshake_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server = tls_server(&pki, dir.path()).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tls_client(&pki.ca_pem).connect(name, tcp).await.expect("the TLS handshake succeeds");
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent connection is closed by the server");
+}
+
+/// A refused TLS handshake is logged with the peer and the reason, and
+/// counted: an operator can tell why a caller is turned away.
+#[tokio::test]
+async fn a_refused_tls_handshake_is_logged_with_its_reason_and_counted() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = tls_server(&pki, dir.path()).await;
+    let rogue = Pki::new();
+    std::fs::copy(rogue.path("spiffe.pem"), pki.path("rogue.pem")).unwrap();
+    std::fs::copy(rogue.path("spiffe.key"), pki.path("rogue.key")).unwrap();
+    let refused = match pki.client(server.addr, Some("rogue")).await {
+        Err(_) => true,
+        Ok(mut client) => client.place_order(limit_order(&new_key())).await.is_err(),
+    };
+    assert!(refused, "a certificate from an unknown CA is refused");
+    let logged = server.log("refused a TLS handshake").await;
+    assert!(logged["peer"].as_str().is_some_and(|p| p.contains("127.0.0.1")), "{logged}");
+    assert!(logged["reason"].as_str().is_some_and(|r| !r.is_empty()), "{logged}");
+    assert!(server.metric("orders_tls_handshake_failures_total").await >= 1.0);
+}
+
+/// A renewed certificate is served without a restart once its files change;
+/// a broken one keeps the certificate in force, logged and counted.
+#[tokio::test]
+async fn the_tls_certificate_is_reloaded_when_its_files_change() {
+    let (old, new) = (Pki::new(), Pki::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = tls_server(&old, dir.path()).await;
+    assert!(new.client(server.addr, Some("spiffe")).await.is_err(), "the new CA is not trusted yet");
+
+    // Renewed: the new CA's server certificate, key and client CA.
+    for name in ["server.pem", "server.key", "ca.pem"] {
+        std::fs::copy(new.path(name), dir.path().join(name)).unwrap();
+    }
+    server.log("reloaded the TLS certificate and key").await;
+    let mut client =
+        new.client(server.addr, Some("spiffe")).await.expect("the renewed certificate is served");
+    let placed = client.place_order(limit_order(&new_key())).await.unwrap().into_inner();
+    assert_eq!(placed.order.unwrap().account_id, "spiffe://example.test/ns/prod/sa/checkout");
+
+    // Broken: the certificate in force stays.
+    std::fs::write(dir.path().join("server.pem"), "not a certificate").unwrap();
+    server.log("keeping the TLS certificate in force").await;
+    assert!(new.client(server.addr, Some("spiffe")).await.is_ok(), "still served");
+    assert!(server.metric("orders_tls_reload_failures_total").await >= 1.0, "the failed reload is counted");
 }
