@@ -5,6 +5,30 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// The largest file a flag may name (tokens, certificates, keys): a path
+/// pointing somewhere endless (`/dev/zero`) is refused, not read.
+pub const MAX_FLAG_FILE: u64 = 1024 * 1024;
+
+/// Reads a file a flag names, refusing one over [`MAX_FLAG_FILE`].
+pub fn read_flag_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(MAX_FLAG_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FLAG_FILE {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "larger than 1 MiB"));
+    }
+    Ok(bytes)
+}
+
+/// Whether a failure to read a file says nothing about the file itself
+/// (out of descriptors or memory, interrupted): reading again later may
+/// succeed, and what the file says has not changed.
+pub fn is_transient(error: &std::io::Error) -> bool {
+    // ENFILE, EMFILE, ENOMEM, EINTR.
+    matches!(error.raw_os_error(), Some(23 | 24 | 12 | 4))
+        || matches!(error.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::OutOfMemory)
+}
+
 /// The largest `--sqlite-max-batch`: a batch's order insert binds 12 values
 /// per order, and SQLite refuses a statement binding more than 32,766.
 pub const SQLITE_MAX_BATCH_LIMIT: u32 = 2048;

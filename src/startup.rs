@@ -33,12 +33,18 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest message health and reflection read (they need no
+/// credentials; their requests are a few dozen bytes).
+const OPEN_SERVICE_MAX_MESSAGE: usize = 1024;
+/// Most connections the metrics endpoint holds at once: its own cap, so
+/// idle scrapers (HTTP keep-alive) cannot take the gRPC listeners' slots.
+const METRICS_MAX_CONNECTIONS: usize = 16;
 /// How often the auth tokens file is checked for changes.
 const TOKENS_POLL: Duration = Duration::from_secs(2);
 /// HTTP/2 flow control: most message bytes a caller may send on one stream,
 /// and on one connection, before the server has read them.
 const STREAM_WINDOW: u32 = 64 * 1024;
-const CONNECTION_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
 /// Most streams a caller may reset before the server accepted them, on one
 /// connection, before the server closes it (h2's "rapid reset" defence,
 /// 20 by default). Callers sharing one connection reset a stream whenever a
@@ -175,6 +181,11 @@ impl Application {
         let addr = listener.local_addr().context("reading the bound address")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
+        // Health and reflection answer callers nobody has authenticated:
+        // their requests are a service name or a symbol, so a message over
+        // OPEN_SERVICE_MAX_MESSAGE is refused from its length prefix instead
+        // of being buffered (tonic's default is 4 MiB a stream).
+        let health_service = health_service.max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE);
         health.set_service_status(LIVENESS_NAME, ServingStatus::Serving).await;
         set_health(&health, true).await;
         let reflection = || {
@@ -184,8 +195,14 @@ impl Application {
                 // So grpcurl can decode ErrorInfo, BadRequest and RetryInfo details.
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
-        let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
+        let reflection_v1 = reflection()
+            .build_v1()
+            .context("building reflection v1")?
+            .max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE);
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .context("building reflection v1alpha")?
+            .max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE);
         let settings = ApiSettings {
             idempotency_ttl: config.idempotency_ttl,
             lock_timeout: config.lock_timeout,
@@ -235,7 +252,11 @@ impl Application {
         let mut side_servers = Vec::new();
         if let Some(listener) = metrics_listener {
             let metrics_addr = listener.local_addr()?;
-            let listener = crate::net::GuardedListener::new(listener, admission.clone());
+            let own = crate::net::Admission::new(
+                config.handshake_timeout,
+                Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS)),
+            );
+            let listener = crate::net::GuardedListener::new(listener, own);
             side_servers.push(metrics::serve(listener, stopped(&servers_rx))?);
             tracing::info!(addr = %metrics_addr, "metrics listening");
         }
@@ -398,15 +419,20 @@ async fn reload_on_sighup(mut hangups: Hangups, auth: Arc<Authenticator>, mut st
     // Kubernetes updates a mounted Secret by swapping a symlink, and a
     // distroless container cannot be sent a signal: the file is also read
     // every TOKENS_POLL, and reloaded when its content changed.
-    let mut last = auth.tokens_file().and_then(|path| std::fs::read(path).ok());
+    let read = |auth: &Authenticator| auth.tokens_file().map(crate::config::read_flag_file);
+    let mut last = read(&auth).and_then(Result::ok);
     let mut polls = tokio::time::interval(TOKENS_POLL);
     polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let why = tokio::select! {
             () = hangups.recv() => "SIGHUP",
             _ = polls.tick() => {
-                let Some(path) = auth.tokens_file() else { continue };
-                let now = std::fs::read(path).ok();
+                let now = match read(&auth) {
+                    None => continue,
+                    // Out of descriptors, say: nothing is known to have changed.
+                    Some(Err(error)) if crate::config::is_transient(&error) => continue,
+                    Some(now) => now.ok(),
+                };
                 if now == last {
                     continue;
                 }
@@ -414,9 +440,11 @@ async fn reload_on_sighup(mut hangups: Hangups, auth: Arc<Authenticator>, mut st
             }
             _ = stop.changed() => return,
         };
-        last = auth.tokens_file().and_then(|path| std::fs::read(path).ok());
+        last = read(&auth).and_then(Result::ok);
         let (tokens, problems) = auth.reload();
-        if problems.is_empty() {
+        if problems.is_empty() && tokens == 0 {
+            tracing::warn!(why, "reloaded auth tokens: the file grants none, every order call is refused");
+        } else if problems.is_empty() {
             tracing::info!(tokens, why, "reloaded auth tokens");
         } else {
             crate::metrics::record_token_reload_failure();

@@ -59,7 +59,7 @@ impl TlsFiles {
         [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
             .into_iter()
             .flatten()
-            .map(|path| std::fs::read(path).ok())
+            .map(|path| crate::config::read_flag_file(path).ok())
             .collect()
     }
 }
@@ -81,7 +81,7 @@ struct RefusalLog {
 }
 
 fn read(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+    crate::config::read_flag_file(path).with_context(|| format!("cannot read {flag} {}", path.display()))
 }
 
 /// A server config from `files`.

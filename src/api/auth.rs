@@ -113,14 +113,13 @@ fn parse_token_lines(text: &str) -> (Vec<Entry>, Vec<String>) {
 /// Checks a token file as the server would load it at start: every problem,
 /// each naming its line. `order-service check-tokens FILE` runs this.
 pub fn check_token_file(path: &Path) -> Result<usize, Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    let text = read_text(path).map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
     let (entries, errors) = parse_token_lines(&text);
     if errors.is_empty() { Ok(entries.len()) } else { Err(errors) }
 }
 
 fn valid_account(account: &str) -> Result<(), &'static str> {
-    if account == AccountId::anonymous().as_str() {
+    if account.eq_ignore_ascii_case(AccountId::anonymous().as_str()) {
         Err("`anonymous` is reserved for callers when authentication is off")
     } else if account.is_empty() || account.len() > MAX_ACCOUNT_LEN {
         Err("must be 1 to 256 characters")
@@ -131,9 +130,14 @@ fn valid_account(account: &str) -> Result<(), &'static str> {
     }
 }
 
+/// A tokens file's text.
+fn read_text(path: &Path) -> std::io::Result<String> {
+    let bytes = crate::config::read_flag_file(path)?;
+    String::from_utf8(bytes).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
+}
+
 fn load(path: &Path) -> anyhow::Result<Vec<Entry>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read auth tokens file {}", path.display()))?;
+    let text = read_text(path).with_context(|| format!("cannot read auth tokens file {}", path.display()))?;
     parse_token_file(&text).map_err(|why| anyhow::anyhow!("auth tokens file {}: {why}", path.display()))
 }
 
@@ -165,14 +169,24 @@ impl Authenticator {
     /// lists. It fails closed: a bad line grants nothing (the others apply,
     /// and each bad one is reported), and a file that cannot be read leaves
     /// no token valid, so a token removed from the file is never accepted
-    /// again, whatever else is wrong with it. Returns how many tokens are now
-    /// accepted, and the problems.
+    /// again, whatever else is wrong with it. (A passing fault, such as
+    /// running out of descriptors, says nothing about the file: the tokens
+    /// in force stay.) Returns how many tokens are now accepted, and the
+    /// problems.
     pub fn reload(&self) -> (usize, Vec<String>) {
         let Some(tokens) = &self.tokens else {
             return (0, Vec::new());
         };
-        let (entries, errors) = match std::fs::read_to_string(&tokens.path) {
+        let (entries, errors) = match read_text(&tokens.path) {
             Ok(text) => parse_token_lines(&text),
+            // Out of descriptors, say: the file has not changed, and a
+            // passing fault is not a revocation. The tokens in force stay.
+            Err(error) if crate::config::is_transient(&error) => {
+                let count = tokens.entries.read().unwrap_or_else(|e| e.into_inner()).len();
+                let problem =
+                    format!("cannot read {} now ({error}): the tokens in force stay", tokens.path.display());
+                return (count, vec![problem]);
+            }
             Err(error) => (Vec::new(), vec![format!("cannot read {}: {error}", tokens.path.display())]),
         };
         let count = entries.len();
@@ -323,7 +337,17 @@ fn identity(der: &[u8], field: &CertIdentity) -> Result<AccountId, &'static str>
     let uris = || names.iter().filter_map(|n| if let GeneralName::URI(u) = n { Some(*u) } else { None });
     let candidates: Vec<&str> = match field {
         CertIdentity::Uri => uris().collect(),
-        CertIdentity::UriPrefix(prefix) => uris().filter_map(|u| u.strip_prefix(prefix.as_str())).collect(),
+        // Every URI SAN is a candidate: one outside the prefix is not
+        // ignored, it makes the certificate ambiguous.
+        CertIdentity::UriPrefix(prefix) => {
+            let all: Vec<&str> = uris().collect();
+            match all[..] {
+                [one] => vec![one.strip_prefix(prefix.as_str()).ok_or(
+                    "the client certificate's URI SAN is not under the --tls-client-identity prefix",
+                )?],
+                _ => all,
+            }
+        }
         CertIdentity::Dns => names
             .iter()
             .filter_map(|n| if let GeneralName::DNSName(d) = n { Some(*d) } else { None })
@@ -385,6 +409,7 @@ mod tests {
         assert!(parse_token_file(&line).unwrap_err().contains("reserved"));
         assert!(new_token("anonymous").is_err());
         assert!(valid_account("anonymous").is_err() && valid_account("anonymous2").is_ok());
+        assert!(valid_account("Anonymous").is_err() && valid_account("ANONYMOUS").is_err());
     }
 
     #[test]

@@ -229,7 +229,8 @@ impl Store {
 }
 
 /// A database URL fit for logs and errors: parsed, with the password of its
-/// user part and any `password` query parameter replaced by `***`. A URL
+/// user part and any query parameter whose name holds `pass` (`password`,
+/// `sslpassword`, `passwd`, …) replaced by `***`. A URL
 /// that does not parse as one with an authority (`scheme://…`) is shown as
 /// its scheme alone, since where its secret sits cannot be known. SQLite
 /// URLs name a file and carry no secret: they are shown as they are.
@@ -256,7 +257,8 @@ pub fn redact(url: &str) -> String {
         let pairs: Vec<(String, String)> = parsed
             .query_pairs()
             .map(|(key, value)| {
-                let hidden = key.eq_ignore_ascii_case("password");
+                // password, sslpassword, passwd, PASSWORD, …
+                let hidden = key.to_ascii_lowercase().contains("pass");
                 (key.into_owned(), if hidden { "***".to_owned() } else { value.into_owned() })
             })
             .collect();
@@ -341,6 +343,9 @@ mod tests {
             ("postgres://app:p%ZZss@db/orders", "ZZss"),
             ("postgres://h/orders?user=app&password=hunter2", "hunter2"),
             ("postgres://h/orders?user=app&PASSWORD=hunter2&sslmode=require", "hunter2"),
+            ("postgres://h/orders?sslpassword=hunter2", "hunter2"),
+            ("postgres://h/orders?passwd=hunter2", "hunter2"),
+            ("postgres://h/orders?password%3D=hunter2", "hunter2"),
             ("postgres:app:hunter2@db/orders", "hunter2"),
             ("postgresql://app:hunter2@[::1", "hunter2"),
             ("app:hunter2@db", "hunter2"),
