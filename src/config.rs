@@ -170,8 +170,10 @@ pub struct Config {
     #[arg(long, env = "ORDERS_MAX_CONNECTION_AGE", default_value = "30m", value_parser = positive_duration)]
     pub max_connection_age: Duration,
 
-    /// A connection that sends nothing (no TLS or HTTP/2 handshake) within
-    /// this long after it is accepted is closed, on every listener.
+    /// On every listener, a connection that has not completed its TLS
+    /// handshake and first request's headers this long after it is accepted
+    /// is closed (told GOAWAY first if it is idle), as is one that takes
+    /// longer than this over a later request's headers.
     #[arg(long, env = "ORDERS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub handshake_timeout: Duration,
 

@@ -16,7 +16,7 @@
 //! - [`startup`]: [`startup::Application`]: connect, migrate, bind; then run
 //!   until a shutdown signal and drain.
 //! - [`net`]: what every listener admits: a slot under `--max-connections`,
-//!   a deadline to start the handshake, and backoff when accepting fails.
+//!   a deadline for each request's headers, and backoff when accepting fails.
 //! - [`tls`]: TLS terminated here: handshakes bounded, refusals logged,
 //!   certificates reloaded when their files change.
 //! - [`proto`]: generated protobuf and gRPC code, and the descriptor set.

@@ -38,6 +38,9 @@ pub const SERVING: &str = "orders_health_serving";
 /// Connections closed as soon as they were accepted, by reason
 /// (`max_connections`).
 pub const CONNECTIONS_REFUSED: &str = "orders_connections_refused_total";
+/// Connections closed for not sending a request's headers within
+/// `--handshake-timeout`, by `stage` (`first_request`, `next_request`).
+pub const CONNECTIONS_TIMED_OUT: &str = "orders_connections_timed_out_total";
 /// Accepts that failed (out of descriptors, EMFILE/ENFILE, …).
 pub const ACCEPT_ERRORS: &str = "orders_accept_errors_total";
 /// TLS handshakes refused (unknown CA, bad certificate, timeout, plain text).
@@ -305,6 +308,11 @@ pub fn record_place_outcome(outcome: &'static str) {
 /// Counts a connection closed as soon as it was accepted.
 pub fn record_connection_refused(reason: &'static str) {
     metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+/// Counts a connection closed for its slow or missing request headers.
+pub fn record_connection_timed_out(stage: &'static str) {
+    metrics::counter!(CONNECTIONS_TIMED_OUT, "stage" => stage).increment(1);
 }
 
 /// Counts a failed accept.

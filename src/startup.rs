@@ -217,6 +217,7 @@ impl Application {
         tracing::info!(max_connections, "connections are capped");
         let admission = crate::net::Admission::new(
             config.handshake_timeout,
+            crate::net::Protocol::Http2,
             Arc::new(tokio::sync::Semaphore::new(max_connections)),
         );
         let api = OrderServiceServer::new(OrderApi::new(store.clone(), auth.clone(), settings))
@@ -254,6 +255,7 @@ impl Application {
             let metrics_addr = listener.local_addr()?;
             let own = crate::net::Admission::new(
                 config.handshake_timeout,
+                crate::net::Protocol::Http1,
                 Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS)),
             );
             let listener = crate::net::GuardedListener::new(listener, own);

@@ -1,8 +1,8 @@
 //! TLS, terminated here rather than inside tonic, so that the service can
 //! bound, log and renew it:
 //!
-//! - the handshake deadline covers the TLS handshake and the first HTTP/2
-//!   bytes after it ([`crate::net`]);
+//! - the handshake deadline covers the TLS handshake and the first
+//!   request's headers after it ([`crate::net`]);
 //! - a refused handshake (an unknown CA, a certificate without
 //!   `clientAuth`, a client speaking plain text to the TLS port) is logged
 //!   with the peer and the reason, at most [`LOGGED_REFUSALS_PER_SECOND`] a

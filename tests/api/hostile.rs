@@ -16,7 +16,7 @@ use tonic_types::StatusExt;
 use crate::{
     helpers::{
         Engine, RawCodec, TestDatabase, channel, closed_by_server, engine_tests, limit_order, new_key,
-        spawn_app,
+        raw_h2, read_until_closed, spawn_app,
     },
     process::ServerProcess,
 };
@@ -256,6 +256,12 @@ async fn out_of_descriptors_accepts_back_off_and_health_still_answers() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel(server.addr).await);
     let mut orders =
         order_service::proto::order_service_client::OrderServiceClient::new(channel(server.addr).await);
+    // Both connections make a request first: one that never has is closed
+    // after --handshake-timeout, and could not be opened again here.
+    healthy_within_a_second(&mut health, "before the flood").await;
+    let mut request = Request::new(limit_order(&new_key()));
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    orders.place_order(request).await.expect("served before the flood");
     let flood = idle_connections(server.addr, 300).await;
     // Hold the flood for three seconds of the server's life (the tokens file
     // is polled every 2), then measure.
@@ -293,10 +299,14 @@ async fn out_of_descriptors_accepts_back_off_and_health_still_answers() {
     assert!(cpu < 150, "no spinning: {cpu} ticks of CPU in 3 s (a spinning core is 300)");
 }
 
-/// The plain-text health listener and the metrics listener close silent and
-/// half-sent connections within `--handshake-timeout`, as the gRPC one does.
+/// Every listener (gRPC, plain-text health, metrics) closes within
+/// `--handshake-timeout` a connection that is silent or sends half a
+/// request; the HTTP/2 ones also one that connects and never asks (told
+/// GOAWAY first) and one that stalls in a later request's header block; the
+/// metrics one also a keep-alive connection idle after its response. Each
+/// is counted by stage.
 #[tokio::test]
-async fn every_listener_closes_silent_and_half_sent_connections() {
+async fn every_listener_closes_connections_slow_or_silent_before_their_request_headers() {
     let database = TestDatabase::new(Engine::Sqlite).await;
     let server = ServerProcess::start(&[
         "--database-url",
@@ -323,6 +333,46 @@ async fn every_listener_closes_silent_and_half_sent_connections() {
         assert!(closed_by_server(silent).await, "{name}: a silent connection is closed");
         assert!(closed_by_server(half).await, "{name}: a half-sent request is closed");
     }
+    for (name, addr) in [("health", health), ("gRPC", server.addr)] {
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(&raw_h2::opening()).await.unwrap();
+        let sent = read_until_closed(idle).await;
+        let sent = sent.unwrap_or_else(|| panic!("{name}: a connection that never asks is closed"));
+        assert_eq!(raw_h2::goaways(&sent), [(0, 0)], "{name}: told GOAWAY (last stream 0, NO_ERROR) first");
+
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        let bytes = [raw_h2::opening_and_request(), raw_h2::stalled_headers()].concat();
+        stalled.write_all(&bytes).await.unwrap();
+        assert!(closed_by_server(stalled).await, "{name}: a header block stalled after a request is closed");
+    }
+    let mut kept = TcpStream::connect(metrics).await.unwrap();
+    kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let sent = read_until_closed(kept).await.expect("metrics: a keep-alive connection idle is closed");
+    assert!(sent.starts_with(b"HTTP/1.1 200"), "metrics: the request was answered first");
+
+    let first = server.metric("orders_connections_timed_out_total{stage=\"first_request\"}").await;
+    let next = server.metric("orders_connections_timed_out_total{stage=\"next_request\"}").await;
+    // Half a request on an HTTP/2 listener is a bad preface: hyper closes it
+    // at once, uncounted here.
+    assert_eq!((first, next), (6.0, 3.0), "closes counted by stage (first request, next request)");
+}
+
+/// A client that connects early and idles past `--handshake-timeout` before
+/// its first call is told GOAWAY, and its call is served on a new
+/// connection, at the first attempt.
+#[tokio::test]
+async fn a_client_that_connects_early_and_idles_is_served() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let server = ServerProcess::start(&["--database-url", &database.url, "--handshake-timeout", "1s"]).await;
+    let mut orders =
+        order_service::proto::order_service_client::OrderServiceClient::new(channel(server.addr).await);
+    let told = async {
+        while server.metric("orders_connections_timed_out_total{stage=\"first_request\"}").await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), told).await.expect("the idle connection is closed");
+    orders.place_order(limit_order(&new_key())).await.expect("served at the first attempt");
 }
 
 /// At `--max-connection-age` the server sends GOAWAY and lets the calls in

@@ -17,7 +17,8 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
     helpers::{
-        Engine, TestApp, channel, closed_by_server, engine_tests, limit_order, new_key, spawn_app_with,
+        Engine, TestApp, channel, closed_by_server, engine_tests, limit_order, new_key, raw_h2,
+        spawn_app_with,
     },
     process::{BIN, ServerProcess},
 };
@@ -763,29 +764,26 @@ async fn tls_server(pki: &Pki, dir: &std::path::Path) -> ServerProcess {
     .await
 }
 
-/// A connection that finishes its TLS handshake and then says nothing is
-/// closed within the handshake timeout (it used to be held until the
-/// connection's maximum age: the TLS handshake met the deadline).
+/// Under TLS, a connection that finishes its TLS handshake and then says
+/// nothing is closed within the handshake timeout (it used to be held until
+/// the connection's maximum age: the TLS handshake met the deadline), and so
+/// is one that makes a request and then stalls in its next header block.
 #[tokio::test]
-async fn a_connection_silent_after_its_tls_handshake_is_closed() {
-    use tokio::io::AsyncReadExt;
+async fn a_connection_silent_or_stalled_after_its_tls_handshake_is_closed() {
+    use tokio::io::AsyncWriteExt;
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let server = tls_server(&pki, dir.path()).await;
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = tls_client(&pki.ca_pem).connect(name, tcp).await.expect("the TLS handshake succeeds");
-    let mut buf = [0u8; 256];
-    let closed = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the silent connection is closed by the server");
+    let connect = async || {
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        tls_client(&pki.ca_pem).connect(name.clone(), tcp).await.expect("the TLS handshake succeeds")
+    };
+    let silent = connect().await;
+    assert!(closed_by_server(silent).await, "the silent connection is closed by the server");
+    let mut stalled = connect().await;
+    stalled.write_all(&[raw_h2::opening_and_request(), raw_h2::stalled_headers()].concat()).await.unwrap();
+    assert!(closed_by_server(stalled).await, "the stalled header block is closed by the server");
 }
 
 /// A refused TLS handshake is logged with the peer and the reason, and

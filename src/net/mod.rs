@@ -1,17 +1,21 @@
-//! What every listener admits: accepted connections must start their
-//! handshake in time, and may not outnumber `--max-connections`.
+//! What every listener admits: accepted connections must send each
+//! request's headers in time, and may not outnumber `--max-connections`.
 //!
-//! Neither tonic nor hyper bound how long a connection may sit before its
-//! HTTP/2 connection preface arrives, so a client could hold any number of
-//! connections (and file descriptors) open by sending nothing, or one byte.
-//! Each accepted connection gets a deadline for its first
-//! [`HANDSHAKE_BYTES`] of HTTP: the HTTP/2 preface and the header of the
-//! SETTINGS frame that must follow it. Under TLS the same deadline covers
-//! the TLS handshake *and* those bytes after it (TLS is terminated here, see
-//! [`crate::tls`]), so a connection silent after its TLS handshake is closed
-//! too. Past the deadline its reads fail and hyper closes it. After that,
-//! HTTP/2 keepalive pings bound a peer that stops answering, and
-//! `--max-connection-age` bounds every connection.
+//! Neither tonic nor hyper bound how long a connection may take to send a
+//! request's headers, so a client could hold any number of connections (and
+//! file descriptors) open by sending nothing, one byte, or half a header
+//! block. Every accepted connection gets `--handshake-timeout` from its
+//! accept to complete its TLS handshake (if any) and its first request's
+//! headers, and the same again for any later header block once its first
+//! byte arrives; on the metrics listener (HTTP/1) also from each response
+//! until the next request's head, so an idle keep-alive connection closes.
+//! [`progress`] reads frame headers to tell where a header block ends. Past
+//! a deadline the connection's reads fail and hyper closes it; one that never
+//! sent a request is first told GOAWAY (last stream 0), so a client that
+//! connected early and idles reconnects cleanly. Each close is counted in
+//! `orders_connections_timed_out_total{stage}`. Between requests an HTTP/2
+//! connection may idle: keepalive pings bound a peer that stops answering,
+//! and `--max-connection-age` bounds every connection.
 //!
 //! Every accepted connection also holds one of `--max-connections` slots
 //! until it closes; over the cap a new connection is closed at once and
@@ -43,8 +47,10 @@ use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::tls::Tls;
 
-/// The HTTP/2 client preface (24 bytes) and a frame header (9 bytes).
-pub const HANDSHAKE_BYTES: usize = 24 + 9;
+mod progress;
+
+pub use progress::Protocol;
+use progress::{Due, Frames, Progress};
 
 /// The longest wait after a failed accept.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -55,6 +61,7 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct Admission {
     timeout: Duration,
+    protocol: Protocol,
     slots: Arc<Semaphore>,
     backoff_ms: Arc<AtomicU64>,
 }
@@ -66,26 +73,30 @@ pub(crate) struct Admitted {
     pub ticket: Ticket,
 }
 
-/// What an admitted connection holds: its slot and its handshake deadline.
+/// What an admitted connection holds: its slot and its first deadline.
 #[derive(Debug)]
 pub(crate) struct Ticket {
     pub peer: Option<SocketAddr>,
+    /// When its first request's headers (and TLS handshake) must be in.
     pub deadline: Instant,
+    timeout: Duration,
+    protocol: Protocol,
     slot: OwnedSemaphorePermit,
 }
 
 impl Ticket {
     /// `inner` (the connection, or what TLS made of it) under this ticket's
-    /// deadline and slot.
+    /// deadlines and slot.
     pub(crate) fn wrap<S>(self, inner: S) -> DeadlineStream<S> {
-        DeadlineStream::new(inner, self.deadline, self.slot)
+        DeadlineStream::new(inner, self)
     }
 }
 
 impl Admission {
-    /// Connections get `timeout` to start their handshake and share `slots`.
-    pub fn new(timeout: Duration, slots: Arc<Semaphore>) -> Self {
-        Self { timeout, slots, backoff_ms: Arc::default() }
+    /// Connections speaking `protocol` get `timeout` for each request's
+    /// headers (the first counted from the accept) and share `slots`.
+    pub fn new(timeout: Duration, protocol: Protocol, slots: Arc<Semaphore>) -> Self {
+        Self { timeout, protocol, slots, backoff_ms: Arc::default() }
     }
 
     /// The connection to serve, if any, from one accept.
@@ -96,7 +107,13 @@ impl Admission {
                 let peer = stream.peer_addr().ok();
                 match self.slots.clone().try_acquire_owned() {
                     Ok(slot) => {
-                        let ticket = Ticket { peer, deadline: Instant::now() + self.timeout, slot };
+                        let ticket = Ticket {
+                            peer,
+                            deadline: Instant::now() + self.timeout,
+                            timeout: self.timeout,
+                            protocol: self.protocol,
+                            slot,
+                        };
                         Some(Admitted { stream, ticket })
                     }
                     Err(_) => {
@@ -133,7 +150,7 @@ pub struct PeerInfo {
 #[derive(Debug)]
 pub enum Conn {
     /// Plain text.
-    Plain(DeadlineStream<TcpStream>, PeerInfo),
+    Plain(Box<DeadlineStream<TcpStream>>, PeerInfo),
     /// After its TLS handshake.
     Tls(Box<DeadlineStream<tokio_rustls::server::TlsStream<TcpStream>>>, PeerInfo),
 }
@@ -160,7 +177,7 @@ pub fn connections(
             match &tls {
                 None => {
                     let peer = PeerInfo { remote: admitted.ticket.peer, certs: None };
-                    let conn = Conn::Plain(admitted.ticket.wrap(admitted.stream), peer);
+                    let conn = Conn::Plain(Box::new(admitted.ticket.wrap(admitted.stream)), peer);
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
@@ -227,24 +244,93 @@ pub fn default_max_connections(reserve: u64) -> usize {
     }
 }
 
-/// A connection whose reads fail once its deadline passes before it has
-/// received [`HANDSHAKE_BYTES`], holding its slot until it is dropped.
+/// A GOAWAY frame: last stream 0, `NO_ERROR`. A client that receives it
+/// knows no request of its was processed, and reconnects.
+const GOAWAY: [u8; 17] = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// A connection whose reads fail when a deadline of `--handshake-timeout`
+/// passes while the server waits on the client for a request's headers
+/// (see [`progress`] for when one runs), holding its slot until dropped.
 #[derive(Debug)]
 pub struct DeadlineStream<S> {
     inner: S,
-    received: usize,
-    deadline: Option<Pin<Box<Sleep>>>,
+    progress: Progress,
+    /// The server's own HTTP/2 frames, followed until the first request so
+    /// that a GOAWAY can be put between two of them.
+    written: Option<Frames>,
+    timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+    armed: bool,
+    peer: Option<SocketAddr>,
     /// Its place under `--max-connections`, given back when it closes.
     _slot: OwnedSemaphorePermit,
 }
 
 impl<S> DeadlineStream<S> {
-    fn new(inner: S, deadline: Instant, slot: OwnedSemaphorePermit) -> Self {
-        Self { inner, received: 0, deadline: Some(Box::pin(tokio::time::sleep_until(deadline))), _slot: slot }
+    fn new(inner: S, ticket: Ticket) -> Self {
+        let written = (ticket.protocol == Protocol::Http2).then(Frames::server);
+        Self {
+            inner,
+            progress: Progress::new(ticket.protocol),
+            written,
+            timeout: ticket.timeout,
+            deadline: Box::pin(tokio::time::sleep_until(ticket.deadline)),
+            armed: true,
+            peer: ticket.peer,
+            _slot: ticket.slot,
+        }
+    }
+
+    /// Starts or stops the deadline as `due` says.
+    fn apply(&mut self, due: Due) {
+        match due {
+            Due::Keep => {}
+            Due::Start if !self.armed => {
+                self.deadline.as_mut().reset(Instant::now() + self.timeout);
+                self.armed = true;
+            }
+            Due::Start => {}
+            Due::Stop => self.armed = false,
+        }
+    }
+
+    /// The server wrote `bytes`.
+    fn wrote<'a>(&mut self, bytes: impl Iterator<Item = &'a [u8]>) {
+        let mut any = false;
+        for piece in bytes {
+            any |= !piece.is_empty();
+            if let Some(written) = &mut self.written {
+                written.read(piece);
+            }
+        }
+        if any {
+            let due = self.progress.wrote();
+            self.apply(due);
+        }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for DeadlineStream<S> {
+impl<S: AsyncWrite + Unpin> DeadlineStream<S> {
+    /// Tells a client that never made a request to go away (GOAWAY, last
+    /// stream 0), if the server's stream is between two frames: a client
+    /// that connected early and is idle reconnects cleanly. Best effort:
+    /// the connection is closed next either way.
+    fn say_goaway(&mut self, cx: &mut Context<'_>) {
+        if !self.written.as_ref().is_some_and(Frames::at_boundary) {
+            return;
+        }
+        let mut sent = 0;
+        while sent < GOAWAY.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &GOAWAY[sent..]) {
+                Poll::Ready(Ok(n)) if n > 0 => sent += n,
+                _ => return,
+            }
+        }
+        let _ = Pin::new(&mut self.inner).poll_flush(cx);
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeadlineStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -254,20 +340,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for DeadlineStream<S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.received += buf.filled().len() - before;
-                if this.received >= HANDSHAKE_BYTES {
-                    this.deadline = None;
+                let read = &buf.filled()[before..];
+                if !read.is_empty() {
+                    let due = this.progress.read(read);
+                    this.apply(due);
+                    if !this.progress.before_first_request() {
+                        this.written = None;
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                let expired =
-                    this.deadline.as_mut().is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                if !expired {
+                if !this.armed || this.deadline.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                tracing::debug!("closing a connection that did not start its handshake in time");
-                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "no handshake within the deadline")))
+                let stage = if this.progress.before_first_request() {
+                    this.say_goaway(cx);
+                    "first_request"
+                } else {
+                    "next_request"
+                };
+                crate::metrics::record_connection_timed_out(stage);
+                tracing::debug!(peer = ?this.peer, stage, "closing a connection that sent no request headers in time");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request headers within the deadline",
+                )))
             }
             failed => failed,
         }
@@ -276,7 +374,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for DeadlineStream<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for DeadlineStream<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        self.wrote(std::iter::once(&buf[..written]));
+        Poll::Ready(Ok(written))
     }
 
     fn poll_write_vectored(
@@ -284,7 +384,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for DeadlineStream<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        let mut left = written;
+        self.wrote(bufs.iter().map(|buf| {
+            let n = left.min(buf.len());
+            left -= n;
+            &buf[..n]
+        }));
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {

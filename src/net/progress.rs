@@ -1,0 +1,333 @@
+//! How far a client has got with its requests' headers, read off the bytes
+//! it sends, so [`super::DeadlineStream`] knows when a deadline must run.
+//!
+//! A deadline runs while the server waits on the client for headers:
+//!
+//! - **HTTP/2** (gRPC and health listeners): from the accept until the first
+//!   request's header block is complete (the preface, the SETTINGS frame,
+//!   then a HEADERS frame and any CONTINUATIONs up to `END_HEADERS`); later,
+//!   from the first byte of any frame header, and through a header block,
+//!   until it is complete. Between frames nothing runs: a connection that
+//!   has made a request may idle (keepalive and `--max-connection-age`
+//!   bound it).
+//! - **HTTP/1** (the metrics listener): from the accept, and again from each
+//!   byte of a response the server writes, until a request head ends (a
+//!   blank line). So a keep-alive connection idle after its response is
+//!   closed too. A client that opens with the HTTP/2 preface is tracked as
+//!   HTTP/2.
+//!
+//! Only frame headers are read; payloads are skipped by length, so this
+//! costs a few comparisons per read.
+
+/// The HTTP/2 client connection preface.
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// HTTP/2 frame types and flags this reads.
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+
+/// Which protocol a listener speaks, as far as telling where headers end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/2 with prior knowledge (gRPC).
+    Http2,
+    /// HTTP/1.1, or HTTP/2 if the client opens with its preface.
+    Http1,
+}
+
+/// Where an HTTP/2 byte stream is: how many bytes of the preface are left,
+/// then frame headers and the payloads they announce.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Frames {
+    preface_left: usize,
+    header: [u8; 9],
+    header_len: usize,
+    payload_left: usize,
+    /// The flags of the frame whose payload is being skipped.
+    flags: u8,
+    /// The payload being skipped belongs to a HEADERS or CONTINUATION frame.
+    in_header_frame: bool,
+    /// A header block has begun and its `END_HEADERS` has not been seen.
+    awaiting_end_headers: bool,
+    /// Header blocks completed.
+    pub blocks: u64,
+}
+
+impl Frames {
+    /// A client's stream, starting with the preface.
+    pub fn client() -> Self {
+        Self { preface_left: PREFACE.len(), ..Self::default() }
+    }
+
+    /// A server's stream (no preface).
+    pub fn server() -> Self {
+        Self::default()
+    }
+
+    /// Reads `bytes`, the next ones of the stream.
+    pub fn read(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(bytes.len());
+                self.preface_left -= n;
+                bytes = &bytes[n..];
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+                if self.payload_left == 0 {
+                    self.frame_done();
+                }
+            } else {
+                let n = (9 - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n;
+                bytes = &bytes[n..];
+                if self.header_len == 9 {
+                    let [a, b, c, kind, flags, ..] = self.header;
+                    self.header_len = 0;
+                    self.flags = flags;
+                    self.payload_left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+                    self.in_header_frame = kind == HEADERS || kind == CONTINUATION;
+                    if kind == HEADERS {
+                        self.awaiting_end_headers = true;
+                    }
+                    if self.payload_left == 0 {
+                        self.frame_done();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A frame (its header and payload) has been read whole.
+    fn frame_done(&mut self) {
+        if self.in_header_frame && self.flags & END_HEADERS != 0 && self.awaiting_end_headers {
+            self.awaiting_end_headers = false;
+            self.blocks += 1;
+        }
+        self.in_header_frame = false;
+    }
+
+    /// Whether the stream stops between two frames (or at its start).
+    pub fn at_boundary(&self) -> bool {
+        self.preface_left == 0 && self.header_len == 0 && self.payload_left == 0
+    }
+
+    /// Whether the client is part-way through something the server waits
+    /// on: the preface, a frame header, or a header block.
+    pub fn mid_headers(&self) -> bool {
+        self.preface_left > 0
+            || self.header_len > 0
+            || (self.payload_left > 0 && self.in_header_frame)
+            || self.awaiting_end_headers
+    }
+}
+
+/// Where an HTTP/1 request stream is: inside a head, or after its blank line.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Heads {
+    /// The last bytes read, for finding `\r\n\r\n` (or `\n\n`) across reads.
+    tail: [u8; 4],
+    /// Heads completed.
+    pub heads: u64,
+    /// Bytes read since the last head ended.
+    since_head: usize,
+}
+
+impl Heads {
+    /// Reads `bytes`, the next ones of the stream.
+    pub fn read(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.tail = [self.tail[1], self.tail[2], self.tail[3], byte];
+            self.since_head += 1;
+            let blank_line = self.tail == *b"\r\n\r\n" || self.tail[2..] == *b"\n\n";
+            if blank_line && self.since_head >= 2 {
+                self.heads += 1;
+                self.since_head = 0;
+                self.tail = [0; 4];
+            }
+        }
+    }
+}
+
+/// What a connection's client has sent, read as its listener's protocol.
+#[derive(Debug)]
+pub(crate) enum Progress {
+    /// HTTP/2 frames.
+    Http2(Frames),
+    /// HTTP/1 heads; the first bytes are kept until the first head ends,
+    /// in case they are the HTTP/2 preface.
+    Http1 { heads: Heads, opening: Option<Vec<u8>> },
+}
+
+/// What the deadline should do after a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// Keep whatever deadline runs (or none).
+    Keep,
+    /// Start a deadline now, if none runs.
+    Start,
+    /// Headers are complete: stop the deadline.
+    Stop,
+}
+
+impl Progress {
+    /// Nothing read yet, on a listener speaking `protocol`.
+    pub fn new(protocol: Protocol) -> Self {
+        match protocol {
+            Protocol::Http2 => Self::Http2(Frames::client()),
+            Protocol::Http1 => Self::Http1 { heads: Heads::default(), opening: Some(Vec::new()) },
+        }
+    }
+
+    /// Reads the client's next `bytes`; says what the deadline should do.
+    pub fn read(&mut self, bytes: &[u8]) -> Due {
+        match self {
+            Self::Http2(frames) => {
+                frames.read(bytes);
+                // The first request's deadline runs from the accept and is
+                // never restarted; a later one starts at its first byte.
+                match (frames.blocks, frames.mid_headers()) {
+                    (0, _) => Due::Keep,
+                    (_, true) => Due::Start,
+                    (_, false) => Due::Stop,
+                }
+            }
+            Self::Http1 { heads, opening } => {
+                let before = heads.heads;
+                let Some(first) = opening else {
+                    heads.read(bytes);
+                    return if heads.heads > before { Due::Stop } else { Due::Keep };
+                };
+                // Until the first head ends, keep its bytes (at most one
+                // preface line's worth) to tell HTTP/2's preface apart.
+                for (i, &byte) in bytes.iter().enumerate() {
+                    heads.read(&[byte]);
+                    if first.len() < 18 {
+                        first.push(byte);
+                    }
+                    if heads.heads > before {
+                        if first.as_slice() == &PREFACE[..18] {
+                            let mut frames = Frames::client();
+                            frames.read(&PREFACE[..18]);
+                            *self = Self::Http2(frames);
+                            return self.read(&bytes[i + 1..]);
+                        }
+                        *opening = None;
+                        heads.read(&bytes[i + 1..]);
+                        return Due::Stop;
+                    }
+                }
+                Due::Keep
+            }
+        }
+    }
+
+    /// The server wrote a response's bytes: on HTTP/1 the client's next
+    /// head is now awaited (a keep-alive connection must not idle forever).
+    pub fn wrote(&self) -> Due {
+        match self {
+            Self::Http1 { .. } => Due::Start,
+            Self::Http2(_) => Due::Keep,
+        }
+    }
+
+    /// Whether no request's headers have been completed yet.
+    pub fn before_first_request(&self) -> bool {
+        match self {
+            Self::Http2(frames) => frames.blocks == 0,
+            Self::Http1 { heads, .. } => heads.heads == 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame header: length, type, flags, stream 1.
+    fn frame(len: usize, kind: u8, flags: u8) -> Vec<u8> {
+        let [_, a, b, c] = (len as u32).to_be_bytes();
+        vec![a, b, c, kind, flags, 0, 0, 0, 1]
+    }
+
+    /// The preface, an empty SETTINGS frame, and a request's header block
+    /// in a HEADERS frame and a CONTINUATION.
+    fn request() -> Vec<u8> {
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend(frame(0, 0x4, 0));
+        bytes.extend(frame(3, HEADERS, 0));
+        bytes.extend([0x82, 0x86, 0x84]);
+        bytes.extend(frame(1, CONTINUATION, END_HEADERS));
+        bytes.push(0x41);
+        bytes
+    }
+
+    #[test]
+    fn a_header_block_completes_however_the_bytes_are_split() {
+        let bytes = request();
+        for chunk in 1..=bytes.len() {
+            let mut progress = Progress::new(Protocol::Http2);
+            let mut dues = Vec::new();
+            for piece in bytes.chunks(chunk) {
+                dues.push(progress.read(piece));
+            }
+            assert_eq!(dues.last(), Some(&Due::Stop), "split every {chunk} bytes");
+            assert!(
+                dues[..dues.len() - 1].iter().all(|due| *due == Due::Keep),
+                "split every {chunk}: {dues:?}"
+            );
+            assert!(!progress.before_first_request());
+        }
+    }
+
+    #[test]
+    fn only_header_blocks_and_frame_headers_are_waited_on() {
+        let mut progress = Progress::new(Protocol::Http2);
+        assert_eq!(progress.read(&request()), Due::Stop);
+        // A DATA frame's payload, part-way: not waited on.
+        let mut data = frame(100, 0x0, 0);
+        data.extend([0; 10]);
+        assert_eq!(progress.read(&data), Due::Stop);
+        assert_eq!(progress.read(&[0; 90]), Due::Stop);
+        // Half a frame header starts the deadline; so does a HEADERS frame
+        // without END_HEADERS, until its CONTINUATION ends the block.
+        assert_eq!(progress.read(&frame(3, HEADERS, 0)[..4]), Due::Start);
+        assert_eq!(progress.read(&frame(3, HEADERS, 0)[4..]), Due::Start);
+        assert_eq!(progress.read(&[0x82, 0x86, 0x84]), Due::Start);
+        assert_eq!(progress.read(&frame(0, CONTINUATION, END_HEADERS)), Due::Stop);
+    }
+
+    #[test]
+    fn http1_heads_end_at_a_blank_line_and_the_http2_preface_switches() {
+        let mut progress = Progress::new(Protocol::Http1);
+        assert_eq!(progress.read(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"), Due::Keep);
+        assert_eq!(progress.read(b"\r"), Due::Keep);
+        assert_eq!(progress.read(b"\n"), Due::Stop);
+        assert_eq!(progress.wrote(), Due::Start);
+        assert_eq!(progress.read(b"GET / HTTP/1.1\n\n"), Due::Stop);
+
+        for chunk in [1, 5, 100] {
+            let mut progress = Progress::new(Protocol::Http1);
+            let dues: Vec<_> = request().chunks(chunk).map(|piece| progress.read(piece)).collect();
+            assert!(matches!(progress, Progress::Http2(_)), "split every {chunk}");
+            assert_eq!(dues.last(), Some(&Due::Stop), "split every {chunk}");
+            assert_eq!(progress.wrote(), Due::Keep);
+        }
+    }
+
+    #[test]
+    fn a_server_stream_has_boundaries_between_frames() {
+        let mut frames = Frames::server();
+        assert!(frames.at_boundary());
+        frames.read(&frame(6, 0x4, 0)[..5]);
+        assert!(!frames.at_boundary());
+        frames.read(&frame(6, 0x4, 0)[5..]);
+        frames.read(&[0; 5]);
+        assert!(!frames.at_boundary());
+        frames.read(&[0]);
+        assert!(frames.at_boundary());
+    }
+}
