@@ -13,6 +13,7 @@ COPY Cargo.toml Cargo.lock build.rs rustfmt.toml ./
 COPY proto proto
 COPY migrations migrations
 COPY src src
+COPY client client
 RUN cargo build --release --locked --bin order-service \
     && mkdir -p /out/data \
     && cp target/release/order-service /out/order-service

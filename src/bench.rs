@@ -1,140 +1,37 @@
-//! `orderctl bench`: a closed-loop load generator. Each of `concurrency`
-//! workers sends one call, waits for the answer, and sends the next, until
-//! the duration is up; latencies go into an HDR histogram.
-//!
-//! Modes: fresh keys (every call a new order), `duplicate_ratio` (that share
-//! of calls reuses one of the worker's recent keys), `replay` (every call
-//! repeats an order placed before the clock starts), `noop` (health Check:
-//! the floor cost of one call), and `raw_db` (the service's own PlaceOrder
-//! transaction run directly against the database: the limit).
+//! `order-service bench-store`: the service's own PlaceOrder transaction
+//! driven straight into the database, without gRPC, by the closed loop of
+//! `orderctl bench` ([`order_client::bench::drive`]): the database's limit,
+//! to set beside what the service reaches over gRPC.
 
-use std::{
-    collections::BTreeMap,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use hdrhistogram::Histogram;
-use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use order_client::bench::{BenchReport, Caller, Mode, drive};
 
 use crate::{
+    config::BenchStore,
     domain::{AccountId, ClientRequestId, NewOrder, OrderType, PositiveDecimal, Side, Symbol, TimeInForce},
-    metrics::code_name,
-    proto::{self, PlaceOrderRequest, order_service_client::OrderServiceClient},
     store::{Store, StoreOptions},
 };
 
-/// What to drive.
-#[derive(Debug, Clone)]
-pub enum Target {
-    /// The service at this endpoint (`http://host:port`).
-    Service {
-        /// Endpoint URL.
-        endpoint: String,
-        /// Bearer token, if the server wants one.
-        token: Option<String>,
-    },
-    /// The database at this URL, through the store, without gRPC.
-    RawDb(String),
+/// A worker's handle on the store.
+struct Placer {
+    store: Store,
+    account: AccountId,
 }
 
-/// Which calls to make.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Mode {
-    /// PlaceOrder with fresh keys; `duplicate_ratio` of them reuse a recent key.
-    Place {
-        /// Share (0..1) of calls that reuse one of the worker's recent keys.
-        duplicate_ratio: f64,
-    },
-    /// PlaceOrder repeating orders placed before the clock starts.
-    Replay,
-    /// Health Check.
-    Noop,
-}
-
-/// A benchmark run.
-#[derive(Debug, Clone)]
-pub struct BenchConfig {
-    /// Service or raw database.
-    pub target: Target,
-    /// Which calls.
-    pub mode: Mode,
-    /// Workers, each with one call in flight.
-    pub concurrency: usize,
-    /// How long to measure.
-    pub duration: Duration,
-}
-
-/// What a run measured.
-#[derive(Debug, Clone)]
-pub struct BenchReport {
-    /// Calls that succeeded.
-    pub ops: u64,
-    /// Successful calls per second.
-    pub ops_per_sec: f64,
-    /// Latency percentiles of successful calls, in milliseconds.
-    pub p50_ms: f64,
-    /// 90th percentile.
-    pub p90_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
-    /// Slowest.
-    pub max_ms: f64,
-    /// Failed calls by status code.
-    pub errors: BTreeMap<String, u64>,
-}
-
-impl BenchReport {
-    /// The report as JSON.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "ops": self.ops,
-            "ops_per_sec": (self.ops_per_sec * 10.0).round() / 10.0,
-            "p50_ms": self.p50_ms,
-            "p90_ms": self.p90_ms,
-            "p99_ms": self.p99_ms,
-            "max_ms": self.max_ms,
-            "errors": self.errors,
-        })
+impl Caller for Placer {
+    async fn call(&mut self, key: uuid::Uuid) -> Result<(), String> {
+        let (ttl, lock_wait) = (Duration::from_secs(24 * 3600), Duration::from_secs(5));
+        self.store
+            .place_order(&self.account, new_order(key), ttl, lock_wait, None)
+            .await
+            .map(drop)
+            .map_err(|e| order_client::code_name(e.code()).to_owned())
     }
 }
 
-struct Worker {
-    latencies: Histogram<u64>,
-    errors: BTreeMap<String, u64>,
-}
-
-impl Worker {
-    fn new() -> Self {
-        // Microseconds up to 100 s, 3 significant digits: cannot fail.
-        let latencies = Histogram::new_with_bounds(1, 100_000_000, 3).unwrap_or_else(|_| unreachable!());
-        Self { latencies, errors: BTreeMap::new() }
-    }
-
-    fn record(&mut self, started: Instant, result: Result<(), String>) {
-        match result {
-            Ok(()) => {
-                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
-                let _ = self.latencies.record(micros);
-            }
-            Err(code) => *self.errors.entry(code).or_default() += 1,
-        }
-    }
-}
-
-fn order_request(key: &str) -> PlaceOrderRequest {
-    PlaceOrderRequest {
-        client_request_id: key.to_owned(),
-        symbol: "BENCH".to_owned(),
-        side: proto::Side::Buy as i32,
-        order_type: proto::OrderType::Limit as i32,
-        quantity: "10".to_owned(),
-        limit_price: "100.25".to_owned(),
-        time_in_force: proto::TimeInForce::Gtc as i32,
-    }
-}
-
+/// The order every call places (with its own key): the one `orderctl bench`
+/// sends.
 fn new_order(key: uuid::Uuid) -> NewOrder {
     // Fixed, valid values: parsing cannot fail.
     let decimal = |s| PositiveDecimal::parse(s).unwrap_or_else(|_| unreachable!());
@@ -149,131 +46,19 @@ fn new_order(key: uuid::Uuid) -> NewOrder {
     }
 }
 
-/// A fair coin weighted `p`.
-fn chance(p: f64) -> bool {
-    let mut bytes = [0u8; 8];
-    let _ = getrandom::fill(&mut bytes);
-    ((u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64) < p
-}
-
-/// How a worker makes its calls (one per worker, so the size does not matter).
-#[allow(clippy::large_enum_variant)]
-enum Driver {
-    Service { orders: OrderServiceClient<Channel>, health: HealthClient<Channel>, token: Option<String> },
-    Raw { store: Store },
-}
-
-/// Runs the benchmark and reports.
-pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
-    let drivers: Vec<Driver> = match &config.target {
-        Target::Service { endpoint, token } => {
-            let endpoint = Endpoint::from_shared(endpoint.clone())?.tcp_nodelay(true);
-            // A few connections shared by the workers, as a pool of clients would.
-            let connections = config.concurrency.clamp(1, 8);
-            let mut channels = Vec::new();
-            for _ in 0..connections {
-                channels.push(endpoint.connect().await?);
-            }
-            (0..config.concurrency)
-                .map(|i| {
-                    let channel = channels[i % connections].clone();
-                    Driver::Service {
-                        orders: OrderServiceClient::new(channel.clone()),
-                        health: HealthClient::new(channel),
-                        token: token.clone(),
-                    }
-                })
-                .collect()
-        }
-        Target::RawDb(url) => {
-            let options = StoreOptions {
-                max_connections: u32::try_from(config.concurrency).unwrap_or(u32::MAX).max(1),
-                ..StoreOptions::default()
-            };
-            let store = Store::connect(url, &options).await?;
-            (0..config.concurrency).map(|_| Driver::Raw { store: store.clone() }).collect()
-        }
+/// Runs `bench` and reports.
+pub async fn run(bench: &BenchStore) -> anyhow::Result<BenchReport> {
+    let options = StoreOptions { max_connections: bench.concurrency, ..StoreOptions::default() };
+    let store = Store::connect(&bench.database_url, &options).await?;
+    let callers = (0..bench.concurrency)
+        .map(|_| Placer { store: store.clone(), account: AccountId::new("bench") })
+        .collect();
+    let mode = if bench.replay {
+        Mode::Replay
+    } else {
+        Mode::Place { duplicate_ratio: bench.duplicate_ratio.clamp(0.0, 1.0) }
     };
-
-    let account = AccountId::new("bench");
-    let ttl = Duration::from_secs(24 * 3600);
-    let lock_wait = Duration::from_secs(5);
-    let start = Arc::new(tokio::sync::Barrier::new(config.concurrency + 1));
-    let mut tasks = Vec::new();
-    for mut driver in drivers {
-        let (start, account, mode, duration) = (start.clone(), account.clone(), config.mode, config.duration);
-        tasks.push(tokio::spawn(async move {
-            let mut worker = Worker::new();
-            let mut recent: Vec<uuid::Uuid> = Vec::new();
-            let fixed = uuid::Uuid::new_v4();
-            let call = async |driver: &mut Driver, key: uuid::Uuid| -> Result<(), String> {
-                match driver {
-                    Driver::Service { orders, health, token } => {
-                        let result = if mode == Mode::Noop {
-                            health.check(HealthCheckRequest { service: String::new() }).await.map(drop)
-                        } else {
-                            let mut request = tonic::Request::new(order_request(&key.to_string()));
-                            if let Some(token) = token
-                                && let Ok(value) = format!("Bearer {token}").parse()
-                            {
-                                request.metadata_mut().insert("authorization", value);
-                            }
-                            orders.place_order(request).await.map(drop)
-                        };
-                        result.map_err(|status| code_name(status.code()).to_owned())
-                    }
-                    Driver::Raw { store } => store
-                        .place_order(&account, new_order(key), ttl, lock_wait, None)
-                        .await
-                        .map(drop)
-                        .map_err(|e| code_name(e.code()).to_owned()),
-                }
-            };
-            if mode == Mode::Replay {
-                let _ = call(&mut driver, fixed).await;
-            }
-            start.wait().await;
-            let deadline = Instant::now() + duration;
-            while Instant::now() < deadline {
-                let key = match mode {
-                    Mode::Replay => fixed,
-                    Mode::Place { duplicate_ratio } if !recent.is_empty() && chance(duplicate_ratio) => {
-                        recent[recent.len() - 1]
-                    }
-                    _ => uuid::Uuid::new_v4(),
-                };
-                let started = Instant::now();
-                let result = call(&mut driver, key).await;
-                worker.record(started, result);
-                if matches!(mode, Mode::Place { .. }) {
-                    recent.push(key);
-                    if recent.len() > 16 {
-                        recent.remove(0);
-                    }
-                }
-            }
-            worker
-        }));
-    }
-    start.wait().await;
-    let began = Instant::now();
-    let mut total = Worker::new();
-    for task in tasks {
-        let worker = task.await?;
-        total.latencies.add(&worker.latencies)?;
-        for (code, n) in worker.errors {
-            *total.errors.entry(code).or_default() += n;
-        }
-    }
-    let elapsed = began.elapsed().as_secs_f64();
-    let ms = |q: f64| total.latencies.value_at_quantile(q) as f64 / 1000.0;
-    Ok(BenchReport {
-        ops: total.latencies.len(),
-        ops_per_sec: total.latencies.len() as f64 / elapsed,
-        p50_ms: ms(0.5),
-        p90_ms: ms(0.9),
-        p99_ms: ms(0.99),
-        max_ms: total.latencies.max() as f64 / 1000.0,
-        errors: total.errors,
-    })
+    let report = drive(callers, mode, bench.duration).await;
+    store.close().await;
+    report
 }

@@ -57,6 +57,31 @@ pub enum Command {
         /// The file to check.
         file: std::path::PathBuf,
     },
+    /// Drives the service's own PlaceOrder transaction against a database,
+    /// without gRPC: the database's own limit, to set beside `orderctl bench`.
+    BenchStore(BenchStore),
+}
+
+/// `order-service bench-store`: closed-loop PlaceOrders straight into the store.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchStore {
+    /// The database (`sqlite://PATH` or `postgres://…`), written to.
+    pub database_url: String,
+    /// Workers, each with one call in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// How long to measure.
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    pub duration: Duration,
+    /// Repeat orders placed before the clock starts (the replay path).
+    #[arg(long, conflicts_with = "duplicate_ratio")]
+    pub replay: bool,
+    /// Share (0 to 1) of PlaceOrders that reuse one of the worker's recent keys.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_ratio: f64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// order-service: a gRPC order service that places every order exactly once,

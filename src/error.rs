@@ -19,8 +19,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::{ClientRequestId, OrderField, OrderId};
 
-/// The `ErrorInfo.domain` of every error this service reports.
-pub const ERROR_DOMAIN: &str = "orders.v1";
+pub use order_client::{ERROR_DOMAIN, OUTCOME_UNKNOWN};
 /// How long a caller should wait before retrying an `UNAVAILABLE` answer.
 pub const UNAVAILABLE_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// How long a caller should wait before retrying a `RESOURCE_EXHAUSTED`.
@@ -30,11 +29,6 @@ pub const KEY_IN_USE_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// How long a caller should wait before retrying an `OUTCOME_UNKNOWN`
 /// answer (to learn the outcome) or a deadline that passed.
 pub const OUTCOME_UNKNOWN_RETRY_DELAY: Duration = Duration::from_millis(100);
-
-/// The `ErrorInfo.reason` of an answer that cannot say whether the order was
-/// written: retry with the same `client_request_id` to learn the outcome.
-/// Every other failure of PlaceOrder wrote nothing and never will.
-pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
 
 /// `ErrorDetails` with an `ErrorInfo` of `reason` in [`ERROR_DOMAIN`] and a
 /// `RetryInfo` of `delay`.
@@ -261,6 +255,41 @@ impl From<Error> for Status {
                 tracing::error!(error = %source, "internal error while {context}");
                 Status::new(code, "internal error")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::{Code, Status};
+    use tonic_types::StatusExt;
+
+    /// The service's answers say what was written; answers without them
+    /// (timers, proxies, broken connections) may have written.
+    #[test]
+    fn what_may_have_written_is_told_apart() {
+        let answer = |error: crate::error::Error| Status::from(error);
+        let key = crate::domain::ClientRequestId::parse("0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a01").unwrap();
+        let unknown = answer(crate::error::Error::OutcomeUnknown {
+            client_request_id: key,
+            deadline: true,
+            context: "test",
+            source: "test".into(),
+        });
+        assert!(order_client::may_have_written(&unknown) && order_client::RetryPolicy::may_retry(&unknown));
+        assert_eq!(unknown.code(), Code::DeadlineExceeded);
+        let info = unknown.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["client_request_id"], key.to_string());
+        for not_written in [
+            answer(crate::error::Error::DeadlineExceeded),
+            answer(crate::error::Error::KeyInUse),
+            answer(crate::error::Error::Unavailable { context: "test", source: "test".into() }),
+            answer(crate::error::Error::invalid("symbol", "bad")),
+        ] {
+            assert!(!order_client::may_have_written(&not_written), "{not_written:?}");
+        }
+        for maybe in [Status::cancelled("Timeout expired"), Status::unknown("proxy"), Status::internal("?")] {
+            assert!(order_client::may_have_written(&maybe), "{maybe:?}");
         }
     }
 }

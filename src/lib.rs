@@ -25,18 +25,16 @@
 //! - [`domain`]: validated types (keys, symbols, decimals, orders); no I/O.
 //! - [`store`]: the [`store::Store`] over SQLite or Postgres; all SQL lives there.
 //! - [`error`]: the one [`error::Error`] and its mapping to `tonic::Status`.
+//! - [`bench`]: `order-service bench-store`, the store driven without gRPC.
 //! - [`purge`]: the background purge of expired idempotency keys.
 //! - [`clock`]: where SQLite's times come from (tests move it by hand);
 //!   Postgres reads the database server's clock.
-//! - [`client`]: the retrying client for Rust callers and `orderctl`.
-//! - [`bench`]: the closed-loop load generator behind `orderctl bench`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod api;
 pub mod bench;
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod domain;

@@ -51,6 +51,22 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::BenchStore(bench)) = &config.command {
+        return match order_service::bench::run(bench).await {
+            Ok(report) if bench.json => {
+                println!("{}", report.to_json());
+                ExitCode::SUCCESS
+            }
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     telemetry::init(config.log_format);
     let result = async {
         // Caught from here on: a signal during start-up stops the process

@@ -101,29 +101,6 @@ pub fn serve(
     Ok(task)
 }
 
-/// The code's name as grpc-go spells it (`OK`, `InvalidArgument`, …).
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "Canceled",
-        Code::Unknown => "Unknown",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Aborted => "Aborted",
-        Code::OutOfRange => "OutOfRange",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        Code::DataLoss => "DataLoss",
-        Code::Unauthenticated => "Unauthenticated",
-    }
-}
-
 /// Wraps the gRPC server in [`RpcMetrics`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RpcMetricsLayer;
@@ -289,7 +266,7 @@ impl Rpc {
         let series = &SERIES[self.0];
         let handled = series.handled[code as usize].get_or_init(|| {
             metrics::counter!(HANDLED, "grpc_type" => kind, "grpc_service" => service,
-                "grpc_method" => method, "grpc_code" => code_name(code))
+                "grpc_method" => method, "grpc_code" => order_client::code_name(code))
         });
         handled.increment(1);
         let seconds = series.seconds.get_or_init(|| {

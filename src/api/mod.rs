@@ -138,7 +138,7 @@ fn finish<T>(
         ),
     };
     span.record("outcome", outcome);
-    span.record("code", metrics::code_name(code));
+    span.record("code", order_client::code_name(code));
     span.record("latency_ms", started.elapsed().as_secs_f64() * 1000.0);
     // grpc_server_handled_total is counted by the server's metrics layer.
     if method == "PlaceOrder" {

@@ -11,10 +11,8 @@ use std::{
     time::Duration,
 };
 
-use order_service::{
-    client::{ClientConfig, OrderClient, RetryPolicy},
-    proto::PlaceOrderRequest,
-};
+use order_client::{ClientConfig, OrderClient, RetryPolicy};
+use order_service::proto::PlaceOrderRequest;
 use tokio::sync::Notify;
 
 use crate::{

@@ -13,8 +13,8 @@ use std::{
     time::Duration,
 };
 
+use order_client::may_have_written;
 use order_service::{
-    client::may_have_written,
     clock::ManualClock,
     proto::{PlaceOrderRequest, PlaceOrderResponse, order_service_client::OrderServiceClient},
 };

@@ -5,10 +5,8 @@
 
 use std::time::Duration;
 
-use order_service::{
-    client::{ClientConfig, OrderClient},
-    proto::PlaceOrderRequest,
-};
+use order_client::{ClientConfig, OrderClient};
+use order_service::proto::PlaceOrderRequest;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tonic::{Code, Request, codegen::http::uri::PathAndQuery};
 use tonic_types::StatusExt;

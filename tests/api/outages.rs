@@ -75,7 +75,7 @@ impl Load {
                             match answer {
                                 Ok(Ok(_)) => seen.acknowledged.push(key),
                                 Ok(Err(status)) => {
-                                    if !order_service::client::may_have_written(&status) {
+                                    if !order_client::may_have_written(&status) {
                                         seen.not_written.push(key.clone());
                                     }
                                     seen.failed.push((key, status.code()))

@@ -16,6 +16,20 @@ use tokio::{
 /// The server binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_order-service");
 
+/// `orderctl`, built beside the server binary by `cargo test --workspace`
+/// (as `scripts/test` runs it).
+pub fn orderctl() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/api-… → target/<profile>/orderctl
+    let path = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").join("orderctl");
+    assert!(
+        path.exists(),
+        "{} is missing: run the suite with `cargo test --workspace` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
 /// A running server process.
 pub struct ServerProcess {
     pub child: Child,

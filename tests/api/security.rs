@@ -564,7 +564,7 @@ async fn a_stalled_tls_handshake_is_closed() {
 /// sent it: 12 MB became 223 MB.)
 #[tokio::test]
 async fn unauthenticated_half_sent_messages_are_refused_from_their_headers_and_hold_no_memory() {
-    use order_service::client::{ClientConfig, OrderClient};
+    use order_client::{ClientConfig, OrderClient};
     let tokens = Tokens::new();
     let db = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", db.path().join("orders.db").display());

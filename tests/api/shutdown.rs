@@ -9,7 +9,8 @@ use std::{
     time::Duration,
 };
 
-use order_service::{client::RetryPolicy, proto::order_service_client::OrderServiceClient};
+use order_client::RetryPolicy;
+use order_service::proto::order_service_client::OrderServiceClient;
 use tokio::{net::TcpListener, process::Command, sync::Notify, task::JoinSet};
 use tonic::Code;
 use tonic_health::pb::{

@@ -1,5 +1,5 @@
 //! orderctl: place, get, list and cancel orders, and check health, from a
-//! terminal, with the same retry rules as `order_service::client`.
+//! terminal, with the same retry rules as `order_client`.
 //!
 //! Exit codes: 0 success, 2 bad usage, 3 the service refused the request
 //! (e.g. `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, `NOT_FOUND`), 4 the
@@ -11,9 +11,8 @@
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use order_service::{
-    bench,
-    client::{Answer, CallError, ClientConfig, ClientTls, OrderClient, RetryPolicy},
+use order_client::{
+    Answer, CallError, ClientConfig, ClientTls, OrderClient, RetryPolicy, bench,
     proto::{
         CancelOrderRequest, GetOrderRequest, ListOrdersRequest, Order, OrderStatus, OrderType,
         PlaceOrderRequest, Side, TimeInForce, get_order_request::Lookup,
@@ -121,10 +120,6 @@ struct Bench {
     /// Health Check instead of PlaceOrder: the floor cost of one call.
     #[arg(long)]
     noop: bool,
-    /// Run the service's PlaceOrder transaction directly against this
-    /// database (no gRPC): the database's own limit.
-    #[arg(long, value_name = "DATABASE_URL")]
-    raw_db: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -440,10 +435,6 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
 }
 
 async fn run_bench(c: &Connection, b: &Bench) -> ExitCode {
-    let target = match &b.raw_db {
-        Some(url) => bench::Target::RawDb(url.clone()),
-        None => bench::Target::Service { endpoint: c.addr.clone(), token: c.token.clone() },
-    };
     let mode = if b.noop {
         bench::Mode::Noop
     } else if b.replay {
@@ -451,17 +442,20 @@ async fn run_bench(c: &Connection, b: &Bench) -> ExitCode {
     } else {
         bench::Mode::Place { duplicate_ratio: b.duplicate_ratio.clamp(0.0, 1.0) }
     };
-    let config = bench::BenchConfig { target, mode, concurrency: b.concurrency.max(1), duration: b.duration };
+    let config = bench::BenchConfig {
+        endpoint: c.addr.clone(),
+        token: c.token.clone(),
+        mode,
+        concurrency: b.concurrency.max(1),
+        duration: b.duration,
+    };
     match bench::run(config).await {
         Ok(report) if c.json => {
             println!("{}", report.to_json());
             ExitCode::SUCCESS
         }
-        Ok(r) => {
-            println!(
-                "ops {}  ops/s {:.0}  p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  errors {:?}",
-                r.ops, r.ops_per_sec, r.p50_ms, r.p90_ms, r.p99_ms, r.max_ms, r.errors
-            );
+        Ok(report) => {
+            println!("{report}");
             ExitCode::SUCCESS
         }
         Err(error) => {
