@@ -9,24 +9,22 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the one clap struct; every flag is also an `ORDERS_*` variable.
-//! - [`telemetry`]: the tracing subscriber (text or JSON).
-//! - [`metrics`]: Prometheus counters and gauges, the layer that counts
-//!   every RPC, and `GET /metrics`.
-//! - [`startup`]: [`startup::Application`]: connect, migrate, bind; then run
-//!   until a shutdown signal and drain.
-//! - [`net`]: what every listener admits: a slot under `--max-connections`,
-//!   a deadline for each request's headers, and backoff when accepting fails.
-//! - [`tls`]: TLS terminated here: handshakes bounded, refusals logged,
-//!   certificates reloaded when their files change.
-//! - [`proto`]: generated protobuf and gRPC code, and the descriptor set.
+//! From the top down; a module uses only those below it.
+//!
+//! - [`server`]: running the process: [`server::Application`] connects,
+//!   migrates and binds, serves until a shutdown signal, and drains; the
+//!   listeners' admission and TLS, the middleware, the background tasks.
 //! - [`api`]: the gRPC layer: callers authenticated from their headers, then
-//!   request to domain to store to response.
-//! - [`domain`]: validated types (keys, symbols, decimals, orders); no I/O.
-//! - [`store`]: the [`store::Store`] over SQLite or Postgres; all SQL lives there.
-//! - [`error`]: the one [`error::Error`] and its mapping to `tonic::Status`.
+//!   request to domain to store to response, and each [`error::Error`]
+//!   answered as its `tonic::Status`.
 //! - [`bench`]: `order-service bench-store`, the store driven without gRPC.
-//! - [`purge`]: the background purge of expired idempotency keys.
+//! - [`store`]: the [`store::Store`] over SQLite or Postgres; all SQL lives there.
+//! - [`telemetry`]: logs (text or JSON) and Prometheus metrics.
+//! - [`config`]: the one clap struct; every flag is also an `ORDERS_*` variable.
+//! - [`proto`]: the generated protobuf messages (from the client crate),
+//!   service stubs, and the descriptor set.
+//! - [`error`]: the one [`error::Error`], and what each means for a caller.
+//! - [`domain`]: validated types (keys, symbols, decimals, orders); no I/O.
 //! - [`clock`]: where SQLite's times come from (tests move it by hand);
 //!   Postgres reads the database server's clock.
 
@@ -39,11 +37,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
-pub mod metrics;
-pub mod net;
 pub mod proto;
-pub mod purge;
-pub mod startup;
+pub mod server;
 pub mod store;
 pub mod telemetry;
-pub mod tls;

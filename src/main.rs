@@ -7,7 +7,7 @@ use clap::{Parser, error::ErrorKind};
 use order_service::{
     api,
     config::{Command, Config},
-    startup, telemetry,
+    server, telemetry,
 };
 
 #[tokio::main]
@@ -71,9 +71,9 @@ async fn main() -> ExitCode {
     let result = async {
         // Caught from here on: a signal during start-up stops the process
         // cleanly instead of killing it, and a second one is never missed.
-        let mut signals = startup::ShutdownSignals::install()?;
+        let mut signals = server::ShutdownSignals::install()?;
         let app = tokio::select! {
-            app = startup::Application::build(config) => app?,
+            app = server::Application::build(config) => app?,
             () = signals.recv() => {
                 tracing::info!("stopped before serving");
                 return Ok(());

@@ -225,7 +225,7 @@ impl Authenticator {
             return tokens.account_of(token).ok_or(Error::Unauthenticated("unknown or revoked token"));
         }
         if let Some(field) = &self.client_certs {
-            let peer_certs = extensions.get::<crate::net::PeerInfo>().and_then(|peer| peer.certs.clone());
+            let peer_certs = extensions.get::<super::PeerInfo>().and_then(|peer| peer.certs.clone());
             if let Some(cert) = peer_certs.as_ref().and_then(|certs| certs.first()) {
                 return identity(cert, field).map_err(Error::Unauthenticated);
             }
@@ -294,7 +294,7 @@ where
                 Err(error) => {
                     let method = path.strip_prefix(ORDER_SERVICE_PATH).unwrap_or_default();
                     if method == "PlaceOrder" {
-                        crate::metrics::record_place_outcome("unauthenticated");
+                        crate::telemetry::metrics::record_place_outcome("unauthenticated");
                     }
                     tracing::info!(
                         method = crate::api::loggable(method),

@@ -110,23 +110,23 @@ impl TryFrom<proto::PlaceOrderRequest> for NewOrder {
 
 /// A validated `GetOrder` lookup.
 #[derive(Debug, Clone, Copy)]
-pub enum Lookup {
+pub enum GetOrderBy {
     /// By the order's id.
     OrderId(OrderId),
     /// By the key that placed it.
     ClientRequestId(ClientRequestId),
 }
 
-impl TryFrom<proto::GetOrderRequest> for Lookup {
+impl TryFrom<proto::GetOrderRequest> for GetOrderBy {
     type Error = Error;
 
     fn try_from(req: proto::GetOrderRequest) -> Result<Self, Error> {
         use proto::get_order_request::Lookup as L;
         let mut v = Violations::default();
         let lookup = match req.lookup {
-            Some(L::OrderId(id)) => v.check("order_id", OrderId::parse(&id)).map(Lookup::OrderId),
+            Some(L::OrderId(id)) => v.check("order_id", OrderId::parse(&id)).map(GetOrderBy::OrderId),
             Some(L::ClientRequestId(key)) => {
-                v.check("client_request_id", ClientRequestId::parse(&key)).map(Lookup::ClientRequestId)
+                v.check("client_request_id", ClientRequestId::parse(&key)).map(GetOrderBy::ClientRequestId)
             }
             None => v.check("lookup", Err("set one of order_id or client_request_id".to_owned())),
         };

@@ -6,12 +6,14 @@
 
 mod auth;
 mod convert;
-mod malformed;
+mod faults;
 pub mod page_token;
+mod status;
 
-pub use auth::{AuthLayer, Authenticate, Authenticated, Authenticator, check_token_file, new_token};
-pub use convert::{ListQuery, Lookup};
-pub use malformed::{Arrival, MalformedRequests, MalformedRequestsLayer};
+pub(crate) use auth::{AuthLayer, Authenticator};
+pub use auth::{check_token_file, new_token};
+pub use convert::{GetOrderBy, ListQuery};
+pub use faults::FaultInjector;
 
 use std::{sync::Arc, time::Duration};
 
@@ -24,34 +26,27 @@ use tracing::{Span, field};
 use crate::{
     domain::{AccountId, NewOrder, Order, OrderId},
     error::Error,
-    metrics,
     proto::{self, order_service_server::OrderService},
     store::Store,
+    telemetry::metrics,
 };
 
 /// The response header set on a replayed `PlaceOrder`.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
-/// Faults a test can inject through [`Application::faults`](crate::startup::Application::faults).
-/// No flag, environment variable or RPC reaches it, so a running server
-/// never injects anything; it is compiled into every build so that the
-/// test suite also runs against a release build (`cargo test --release`).
-#[derive(Debug, Default)]
-pub struct FaultInjector {
-    lost_replies: std::sync::atomic::AtomicU32,
-}
+/// When a call reached the service, in its request's extensions (set by
+/// the server's first middleware): its deadline counts from there.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(pub Instant);
 
-impl FaultInjector {
-    /// The next `n` successful PlaceOrders commit, then answer `UNAVAILABLE`
-    /// as if the reply had been lost on the way.
-    pub fn lose_next_replies(&self, n: u32) {
-        self.lost_replies.store(n, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn take_lost_reply(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        self.lost_replies.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
-    }
+/// Who is at the other end of a connection, in every request's extensions
+/// (set by the server's listeners): what authentication reads.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    /// The peer's address.
+    pub remote: Option<std::net::SocketAddr>,
+    /// The client certificate chain it presented in its TLS handshake.
+    pub certs: Option<Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>>,
 }
 
 /// Limits and lifetimes of the order API.
@@ -232,12 +227,12 @@ impl OrderService for OrderApi {
         let span = Span::current();
         let result = async {
             let (account, _permit) = self.admit(&request)?;
-            let order: Order = match Lookup::try_from(request.into_inner())? {
-                Lookup::OrderId(id) => {
+            let order: Order = match GetOrderBy::try_from(request.into_inner())? {
+                GetOrderBy::OrderId(id) => {
                     span.record("order_id", field::display(id));
                     self.store.get_order(&account, id).await?
                 }
-                Lookup::ClientRequestId(key) => {
+                GetOrderBy::ClientRequestId(key) => {
                     span.record("client_request_id", field::display(key));
                     self.store.get_order_by_key(&account, key).await?
                 }

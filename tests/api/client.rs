@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use order_client::{ClientConfig, OrderClient, RetryPolicy};
-use order_service::{proto::PlaceOrderRequest, startup::Application};
+use order_service::{proto::PlaceOrderRequest, server::Application};
 use tokio::sync::Notify;
 use tonic::Code;
 

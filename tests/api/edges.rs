@@ -526,7 +526,7 @@ async fn replicas_whose_clocks_disagree_agree_on_every_key(engine: Engine) {
     let again = on_ahead.place_order(limit_order(&key)).await.unwrap().into_inner();
     assert!(again.replayed, "the replica whose clock is ahead replays a live key");
     assert_eq!(again.order.unwrap().order_id, first.order.unwrap().order_id);
-    assert_eq!(order_service::purge::purge_expired(&servers[1].store, 100).await.unwrap(), 0);
+    assert_eq!(order_service::server::purge_expired(&servers[1].store, 100).await.unwrap(), 0);
     assert_eq!(servers[0].count("idempotency_keys").await, 1, "its purge spared the live key");
 
     let duration = edge_duration().min(Duration::from_secs(8));

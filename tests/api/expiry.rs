@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use order_service::{
     proto::{GetOrderRequest, get_order_request::Lookup},
-    purge,
+    server::purge_expired,
 };
 
 use crate::helpers::{Engine, engine_tests, limit_order, new_key, spawn_app, spawn_app_with};
@@ -60,13 +60,13 @@ async fn the_purge_removes_expired_keys_only_in_batches_and_keeps_orders(engine:
     app.client.place_order(limit_order(&young)).await.unwrap();
     app.age(12 * HOUR).await; // the first five are now 24 h old
 
-    let purged = purge::purge_expired(&app.store, 2).await.unwrap();
+    let purged = purge_expired(&app.store, 2).await.unwrap();
     assert_eq!(purged, 5);
     assert_eq!(app.count("idempotency_keys").await, 1);
     assert_eq!(app.count("orders").await, 6);
     let left = app.db().await.strings("select cast(client_request_id as text) from idempotency_keys").await;
     assert_eq!(left, [young]);
-    assert_eq!(purge::purge_expired(&app.store, 2).await.unwrap(), 0);
+    assert_eq!(purge_expired(&app.store, 2).await.unwrap(), 0);
 
     // A purged key's orders can still be found by the key.
     let by_key = GetOrderRequest { lookup: Some(Lookup::ClientRequestId(old_keys[0].clone())) };

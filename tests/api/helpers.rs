@@ -13,7 +13,7 @@ use order_service::{
     clock::ManualClock,
     config::Config,
     proto::{OrderType, PlaceOrderRequest, Side, order_service_client::OrderServiceClient},
-    startup::Application,
+    server::Application,
     store::Store,
 };
 use sqlx::{Connection, PgConnection, PgPool, SqlitePool};

@@ -155,7 +155,7 @@ async fn tls_to_postgres_follows_the_urls_sslmode(engine: Engine) {
     let mut config = app.config.clone();
     config.database_url = format!("{url}?sslmode=verify-full");
     config.db_connect_timeout = Duration::from_secs(10);
-    let refused = order_service::startup::Application::build(config).await;
+    let refused = order_service::server::Application::build(config).await;
     let error = format!("{:#}", refused.expect_err("an unverifiable server is refused"));
     assert!(error.contains("cannot open database"), "{error}");
 }

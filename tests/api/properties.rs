@@ -3,7 +3,7 @@
 //! through both databases.
 
 use order_service::{
-    api::{ListQuery, Lookup, page_token},
+    api::{GetOrderBy, ListQuery, page_token},
     domain::{AccountId, NewOrder, OrderFilter, OrderId, PositiveDecimal},
     proto::{CancelOrderRequest, GetOrderRequest, ListOrdersRequest, PlaceOrderRequest, get_order_request},
 };
@@ -190,7 +190,7 @@ proptest! {
         } else {
             get_order_request::Lookup::OrderId(text.clone())
         };
-        let _ = Lookup::try_from(GetOrderRequest { lookup: Some(lookup) }).map_err(Status::from);
+        let _ = GetOrderBy::try_from(GetOrderRequest { lookup: Some(lookup) }).map_err(Status::from);
         let list = ListOrdersRequest {
             page_size: number,
             page_token: text.clone(),

@@ -1,31 +1,47 @@
-//! Building and running the server: [`Application::build`] connects to the
-//! database, migrates it and binds the listener (so a bad config fails before
-//! anything serves); [`Application::run`] serves until the shutdown future
-//! resolves, then drains.
+//! Running the process: [`Application::build`] connects to the database,
+//! migrates it and binds the listeners (so a bad config fails before anything
+//! serves); [`Application::run`] serves until the shutdown future resolves,
+//! then drains. Around the API it owns:
+//!
+//! - `net`: what every listener admits (a slot under `--max-connections`, a
+//!   deadline for each request's headers, backoff when accepting fails), and
+//!   TLS terminated there (handshakes bounded, certificates reloaded);
+//! - `malformed`: the middleware that answers what tonic cannot decode;
+//! - the background tasks: `health` (following the database), `purge`
+//!   (expired keys), `tokens` (reloading the auth tokens file);
+//! - `signals`: SIGINT and SIGTERM to drain, SIGHUP to reload.
+
+mod health;
+mod malformed;
+mod net;
+mod purge;
+mod signals;
+mod tokens;
+
+pub use health::{LIVENESS_NAME, SERVICE_NAME};
+pub use purge::purge_expired;
+pub use signals::ShutdownSignals;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::ServingStatus;
 
+use self::{
+    health::{follow_database, set_health},
+    signals::Hangups,
+    tokens::reload_on_sighup,
+};
 use crate::{
     api::{ApiSettings, Authenticator, OrderApi},
     clock::{Clock, SystemClock},
     config::Config,
-    metrics,
     proto::{self, order_service_server::OrderServiceServer},
-    purge,
     store::{Store, StoreOptions},
+    telemetry::metrics,
 };
-
-/// The health service name of the order API.
-pub const SERVICE_NAME: &str = "orders.v1.OrderService";
-/// A health service name that is SERVING for as long as the process serves,
-/// whatever the database does: for liveness probes, which must not restart
-/// every replica during a database outage.
-pub const LIVENESS_NAME: &str = "liveness";
 
 /// Most bytes of request headers (metadata) a call may send.
 const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
@@ -39,8 +55,6 @@ const OPEN_SERVICE_MAX_MESSAGE: usize = 1024;
 /// Most connections the metrics endpoint holds at once: its own cap, so
 /// idle scrapers (HTTP keep-alive) cannot take the gRPC listeners' slots.
 const METRICS_MAX_CONNECTIONS: usize = 16;
-/// How often the auth tokens file is checked for changes.
-const TOKENS_POLL: Duration = Duration::from_secs(2);
 /// HTTP/2 flow control: most message bytes a caller may send on one stream,
 /// and on one connection, before the server has read them.
 const STREAM_WINDOW: u32 = 64 * 1024;
@@ -64,23 +78,20 @@ pub struct Application {
     health_listener: Option<TcpListener>,
     store: Store,
     auth: Arc<Authenticator>,
-    tls: Option<Arc<crate::tls::Tls>>,
+    tls: Option<Arc<net::tls::Tls>>,
     /// SIGHUP, caught from `build` on.
     hangups: Hangups,
     config: Config,
 }
 
 /// The TLS settings the flags ask for, if any.
-fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<crate::tls::Tls>>> {
+fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<net::tls::Tls>>> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
-    let files = crate::tls::TlsFiles {
-        cert: cert.clone(),
-        key: key.clone(),
-        client_ca: config.tls_client_ca.clone(),
-    };
-    Ok(Some(Arc::new(crate::tls::Tls::load(files)?)))
+    let files =
+        net::tls::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: config.tls_client_ca.clone() };
+    Ok(Some(Arc::new(net::tls::Tls::load(files)?)))
 }
 
 impl Application {
@@ -211,13 +222,13 @@ impl Application {
             faults,
         };
         let max_connections = match config.max_connections {
-            0 => crate::net::default_max_connections(64 + u64::from(config.db_max_connections)),
+            0 => net::default_max_connections(64 + u64::from(config.db_max_connections)),
             n => n as usize,
         };
         tracing::info!(max_connections, "connections are capped");
-        let admission = crate::net::Admission::new(
+        let admission = net::Admission::new(
             config.handshake_timeout,
-            crate::net::Protocol::Http2,
+            net::Protocol::Http2,
             Arc::new(tokio::sync::Semaphore::new(max_connections)),
         );
         let api = OrderServiceServer::new(OrderApi::new(store.clone(), auth.clone(), settings))
@@ -233,7 +244,7 @@ impl Application {
             }
         };
         if let Some(tls) = &tls {
-            tokio::spawn(crate::tls::follow_files(tls.clone(), background_rx.clone()));
+            tokio::spawn(net::tls::follow_files(tls.clone(), background_rx.clone()));
         }
         let background = [
             tokio::spawn(purge::run(
@@ -253,24 +264,24 @@ impl Application {
         let mut side_servers = Vec::new();
         if let Some(listener) = metrics_listener {
             let metrics_addr = listener.local_addr()?;
-            let own = crate::net::Admission::new(
+            let own = net::Admission::new(
                 config.handshake_timeout,
-                crate::net::Protocol::Http1,
+                net::Protocol::Http1,
                 Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS)),
             );
-            let listener = crate::net::GuardedListener::new(listener, own);
+            let listener = net::GuardedListener::new(listener, own);
             side_servers.push(metrics::serve(listener, stopped(&servers_rx))?);
             tracing::info!(addr = %metrics_addr, "metrics listening");
         }
         if let Some(listener) = health_listener {
             let health_addr = listener.local_addr()?;
-            let incoming = crate::net::connections(TcpIncoming::from(listener), admission.clone(), None);
+            let incoming = net::connections(TcpIncoming::from(listener), admission.clone(), None);
             let health_only = Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
                 .max_connection_age(config.max_connection_age)
                 .timeout(config.request_timeout)
-                .layer(crate::metrics::RpcMetricsLayer)
+                .layer(crate::telemetry::metrics::RpcMetricsLayer)
                 .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(incoming, stopped(&servers_rx));
             side_servers.push(tokio::spawn(async move {
@@ -296,10 +307,10 @@ impl Application {
             // the calls in flight finish, each within --request-timeout.
             .max_connection_age(config.max_connection_age)
             // Outermost first: the metrics see the code the caller gets.
-            .layer(crate::metrics::RpcMetricsLayer)
-            .layer(crate::api::MalformedRequestsLayer)
+            .layer(crate::telemetry::metrics::RpcMetricsLayer)
+            .layer(malformed::MalformedRequestsLayer)
             .layer(crate::api::AuthLayer(auth.clone()));
-        let incoming = crate::net::connections(
+        let incoming = net::connections(
             TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE)),
             admission.clone(),
             tls.clone(),
@@ -361,174 +372,5 @@ impl Application {
         store.close().await;
         tracing::info!("stopped");
         result
-    }
-}
-
-/// Sets the overall and the order service's health, and the health gauge.
-async fn set_health(health: &HealthReporter, serving: bool) {
-    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-    for service in ["", SERVICE_NAME] {
-        health.set_service_status(service, status).await;
-    }
-    metrics::set_serving(serving);
-}
-
-/// Probes the database every `interval` until `stop` changes (does it
-/// answer, and take writes): health turns NOT_SERVING while the probe fails
-/// and SERVING when it passes again. Also samples the pool gauges.
-async fn follow_database(
-    store: Store,
-    health: HealthReporter,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut serving = true;
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let answer = tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await;
-        let ok = matches!(answer, Ok(Ok(())));
-        for (pool, size, idle) in store.pool_stats() {
-            metrics::set_pool(pool, size, idle);
-        }
-        if ok != serving {
-            // Draining may have begun while the ping ran: never undo it.
-            if *stop.borrow() {
-                return;
-            }
-            serving = ok;
-            if ok {
-                tracing::info!("the database passes its health probe again: SERVING");
-            } else {
-                let error = match answer {
-                    Ok(Err(e)) => format!("{e:?}"),
-                    _ => "no answer in time".to_owned(),
-                };
-                tracing::warn!(%error, "the database fails its health probe: NOT_SERVING");
-            }
-            set_health(&health, ok).await;
-        }
-    }
-}
-
-/// Reloads the auth tokens file on every SIGHUP until `stop` changes; a bad
-/// file is logged and the tokens in force stay.
-async fn reload_on_sighup(mut hangups: Hangups, auth: Arc<Authenticator>, mut stop: watch::Receiver<bool>) {
-    // Kubernetes updates a mounted Secret by swapping a symlink, and a
-    // distroless container cannot be sent a signal: the file is also read
-    // every TOKENS_POLL, and reloaded when its content changed.
-    let read = |auth: &Authenticator| auth.tokens_file().map(crate::config::read_flag_file);
-    let mut last = read(&auth).and_then(Result::ok);
-    let mut polls = tokio::time::interval(TOKENS_POLL);
-    polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let why = tokio::select! {
-            () = hangups.recv() => "SIGHUP",
-            _ = polls.tick() => {
-                let now = match read(&auth) {
-                    None => continue,
-                    // Out of descriptors, say: nothing is known to have changed.
-                    Some(Err(error)) if crate::config::is_transient(&error) => continue,
-                    Some(now) => now.ok(),
-                };
-                if now == last {
-                    continue;
-                }
-                "the file changed"
-            }
-            _ = stop.changed() => return,
-        };
-        last = read(&auth).and_then(Result::ok);
-        let (tokens, problems) = auth.reload();
-        if problems.is_empty() && tokens == 0 {
-            tracing::warn!(why, "reloaded auth tokens: the file grants none, every order call is refused");
-        } else if problems.is_empty() {
-            tracing::info!(tokens, why, "reloaded auth tokens");
-        } else {
-            crate::metrics::record_token_reload_failure();
-            tracing::error!(
-                tokens,
-                why,
-                problems = problems.join("; "),
-                "reloaded auth tokens with problems: only the good lines grant access"
-            );
-        }
-    }
-}
-
-/// SIGHUP, caught from the moment this is made, so that one sent early
-/// reloads the tokens instead of killing the process (its default action).
-#[derive(Debug)]
-struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
-
-impl Hangups {
-    fn install() -> Self {
-        #[cfg(unix)]
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(hangups) => Self(Some(hangups)),
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGHUP; auth tokens reload only when their file changes");
-                Self(None)
-            }
-        }
-        #[cfg(not(unix))]
-        Self()
-    }
-
-    /// Resolves on the next SIGHUP; never where none can arrive.
-    async fn recv(&mut self) {
-        #[cfg(unix)]
-        if let Some(hangups) = &mut self.0
-            && hangups.recv().await.is_some()
-        {
-            return;
-        }
-        std::future::pending().await
-    }
-}
-
-/// SIGINT and SIGTERM, caught from the moment this is made: one that
-/// arrives before anybody awaits [`recv`](Self::recv) (during start-up, or
-/// between the first and second signal) is remembered, never left to the
-/// default action, which would kill the process without draining.
-#[derive(Debug)]
-pub struct ShutdownSignals {
-    #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl ShutdownSignals {
-    /// Starts catching the signals (call it inside the runtime, early).
-    pub fn install() -> anyhow::Result<Self> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Ok(Self {
-                interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
-                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Self {})
-    }
-
-    /// Resolves on the next SIGINT or SIGTERM (or one already caught).
-    pub async fn recv(&mut self) {
-        #[cfg(unix)]
-        tokio::select! {
-            _ = self.interrupt.recv() => tracing::info!("received SIGINT"),
-            _ = self.terminate.recv() => tracing::info!("received SIGTERM"),
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("received Ctrl-C");
-        }
     }
 }

@@ -10,7 +10,7 @@
 //! always say just "internal error".
 //!
 //! Being the first of the service's code every call reaches, it also stamps
-//! the call's [`Arrival`]: tonic starts its `grpc-timeout` timer at that same
+//! the call's [`Arrival`](crate::api::Arrival): tonic starts its `grpc-timeout` timer at that same
 //! moment, and a handler that times its deadline from there answers before
 //! that timer answers `CANCELLED` for it, however late the handler started.
 
@@ -21,6 +21,8 @@ use std::{
 };
 
 use tonic::{Code, codegen::http};
+
+use crate::api::Arrival;
 
 /// What tonic's answers to a request it could not read say first: a
 /// message that does not decode (prost's `DecodeError`), a frame flagged
@@ -43,11 +45,6 @@ fn is_read_failure(message: &[u8]) -> bool {
     let decoded = String::from_utf8_lossy(message).replace("%20", " ");
     READ_FAILURES.iter().any(|failure| decoded.starts_with(failure))
 }
-
-/// When a call reached the service (see the module doc), in its request's
-/// extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct Arrival(pub tokio::time::Instant);
 
 /// Wraps a service in [`MalformedRequests`].
 #[derive(Debug, Clone, Copy, Default)]

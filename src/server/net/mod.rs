@@ -41,13 +41,14 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::{Instant, Sleep},
 };
-use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::transport::server::{Connected, TcpIncoming};
 
-use crate::tls::Tls;
+use self::tls::Tls;
+use crate::api::PeerInfo;
 
 mod progress;
+pub(super) mod tls;
 
 pub use progress::Protocol;
 use progress::{Due, Frames, Progress};
@@ -117,7 +118,7 @@ impl Admission {
                         Some(Admitted { stream, ticket })
                     }
                     Err(_) => {
-                        crate::metrics::record_connection_refused("max_connections");
+                        crate::telemetry::metrics::record_connection_refused("max_connections");
                         tracing::debug!(?peer, "closing a connection over --max-connections");
                         None
                     }
@@ -128,22 +129,13 @@ impl Admission {
                 let cap = MAX_ACCEPT_BACKOFF.as_millis() as u64;
                 let wait = (last * 2).clamp(10, cap);
                 self.backoff_ms.store(wait, Ordering::Relaxed);
-                crate::metrics::record_accept_error();
+                crate::telemetry::metrics::record_accept_error();
                 tracing::warn!(%error, backoff_ms = wait, "accepting a connection failed; backing off");
                 tokio::time::sleep(Duration::from_millis(wait)).await;
                 None
             }
         }
     }
-}
-
-/// Who is at the other end of a connection: in every request's extensions.
-#[derive(Debug, Clone, Default)]
-pub struct PeerInfo {
-    /// The peer's address.
-    pub remote: Option<SocketAddr>,
-    /// The client certificate chain it presented in its TLS handshake.
-    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
 /// A connection a listener serves: plain, or with TLS terminated here.
@@ -360,7 +352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeadlineStream<S> {
                 } else {
                     "next_request"
                 };
-                crate::metrics::record_connection_timed_out(stage);
+                crate::telemetry::metrics::record_connection_timed_out(stage);
                 tracing::debug!(peer = ?this.peer, stage, "closing a connection that sent no request headers in time");
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,

@@ -2,7 +2,7 @@
 //! bound, log and renew it:
 //!
 //! - the handshake deadline covers the TLS handshake and the first
-//!   request's headers after it ([`crate::net`]);
+//!   request's headers after it ([`super`]);
 //! - a refused handshake (an unknown CA, a certificate without
 //!   `clientAuth`, a client speaking plain text to the TLS port) is logged
 //!   with the peer and the reason, at most [`LOGGED_REFUSALS_PER_SECOND`] a
@@ -35,7 +35,8 @@ use tokio_rustls::{
     },
 };
 
-use crate::net::{Admitted, Conn, PeerInfo};
+use super::{Admitted, Conn};
+use crate::api::PeerInfo;
 
 /// How often the certificate files are checked for changes.
 pub const FILES_POLL: Duration = Duration::from_secs(2);
@@ -165,7 +166,7 @@ impl Tls {
 
     /// Logs (at a bounded rate) and counts a refused handshake.
     fn refused(&self, peer: Option<std::net::SocketAddr>, reason: &str) {
-        crate::metrics::record_tls_handshake_failure();
+        crate::telemetry::metrics::record_tls_handshake_failure();
         let mut log = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
         let now = tokio::time::Instant::now();
         if now.duration_since(log.second) >= Duration::from_secs(1) {
@@ -204,7 +205,7 @@ pub async fn follow_files(tls: Arc<Tls>, mut stop: watch::Receiver<bool>) {
         match tls.reload() {
             Ok(()) => tracing::info!("reloaded the TLS certificate and key"),
             Err(error) => {
-                crate::metrics::record_tls_reload_failure();
+                crate::telemetry::metrics::record_tls_reload_failure();
                 tracing::error!("keeping the TLS certificate in force: {error:#}");
             }
         }

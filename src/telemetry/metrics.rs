@@ -78,10 +78,14 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` resolves.
-pub fn serve(
-    listener: crate::net::GuardedListener,
+pub fn serve<L>(
+    listener: L,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<tokio::task::JoinHandle<()>>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let handle = handle()?;
     let app = axum::Router::new().route(
         "/metrics",

@@ -36,7 +36,7 @@ pub async fn run(store: Store, interval: Duration, batch: u32, mut stop: watch::
         match purge_expired(&store, batch).await {
             Ok(0) => tracing::debug!("no expired idempotency keys"),
             Ok(purged) => {
-                crate::metrics::record_purged(purged);
+                crate::telemetry::metrics::record_purged(purged);
                 tracing::info!(purged, "purged expired idempotency keys");
             }
             Err(error) => {

@@ -1,5 +1,8 @@
-//! Logging: a `tracing` subscriber writing text or JSON lines to stdout,
-//! filtered by `RUST_LOG` (default `info`).
+//! What the service tells its operators: logs (a `tracing` subscriber
+//! writing text or JSON lines to stdout, filtered by `RUST_LOG`, default
+//! `info`), and [`metrics`] (Prometheus).
+
+pub(crate) mod metrics;
 
 use std::io::IsTerminal;
 
