@@ -3,15 +3,17 @@
 //! [`Store`] is chosen by the database URL (`sqlite://…` or `postgres://…`)
 //! and hides which engine is behind it; the gRPC layer only sees domain types
 //! and [`Error`]. Each engine has its own module and its own embedded
-//! migrations under `migrations/<engine>`; the PlaceOrder transaction itself is
-//! written once, in `place`, and whether its write was sent is tracked in
-//! `attempt`, so that a call cut short says truthfully what was written.
+//! migrations under `migrations/<engine>`, and supplies statements; the
+//! flows over them are written once: the PlaceOrder transaction in `place`
+//! (whether its write was sent is tracked in `attempt`, so that a call cut
+//! short says truthfully what was written), the others in `flows`.
 //!
 //! Times are the store's: on Postgres the database server's clock (one clock
 //! for every replica), on SQLite the configured [`Clock`] of the process,
 //! read when the statement runs.
 
 mod attempt;
+mod flows;
 mod place;
 mod postgres;
 mod sqlite;
@@ -177,13 +179,13 @@ impl Store {
 
     /// The account's order with this id.
     pub async fn get_order(&self, account: &AccountId, id: OrderId) -> Result<Order, Error> {
-        dispatch!(self, s => s.get_order(account, id).await)
+        dispatch!(self, s => flows::get_order(s, account, id).await)
     }
 
     /// The order the account's live key points to; once the key has expired
     /// or been purged, the newest of the account's orders placed with it.
     pub async fn get_order_by_key(&self, account: &AccountId, key: ClientRequestId) -> Result<Order, Error> {
-        dispatch!(self, s => s.get_order_by_key(account, key).await)
+        dispatch!(self, s => flows::get_order_by_key(s, account, key).await)
     }
 
     /// Up to `limit` of the account's orders matching `filter`, newest first
@@ -195,20 +197,20 @@ impl Store {
         after: Option<Cursor>,
         limit: u32,
     ) -> Result<Vec<Order>, Error> {
-        dispatch!(self, s => s.list_orders(account, filter, after, limit).await)
+        dispatch!(self, s => flows::Statements::orders_page(s, account, filter, after, limit).await)
     }
 
     /// Cancels the account's order if it is `NEW`; returns the order as it
     /// now is and whether this call changed it. `NotFound` if there is no such
     /// order for this account.
     pub async fn cancel_order(&self, account: &AccountId, id: OrderId) -> Result<(Order, bool), Error> {
-        dispatch!(self, s => s.cancel_order(account, id).await)
+        dispatch!(self, s => flows::cancel_order(s, account, id).await)
     }
 
     /// Deletes at most `limit` keys that have expired (on the store's
     /// clock); returns how many it deleted. Orders are never deleted.
     pub async fn purge_expired_keys(&self, limit: u32) -> Result<u64, Error> {
-        dispatch!(self, s => s.purge_expired_keys(limit).await)
+        dispatch!(self, s => flows::Statements::delete_expired_keys(s, limit).await)
     }
 
     /// The readiness probe: whether the database answers and takes writes

@@ -13,7 +13,7 @@ use std::{str::FromStr, time::Duration};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::{
-    AssertSqlSafe, PgPool,
+    PgPool, Postgres, QueryBuilder,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use uuid::Uuid;
@@ -21,6 +21,7 @@ use uuid::Uuid;
 use super::{
     OrderRecord, Placement, StoreOptions,
     attempt::Attempt,
+    flows::{self, Statements},
     place::{self, KeyRecord, PlaceTx, StoredKey},
 };
 use crate::{
@@ -145,136 +146,6 @@ impl PgStore {
         Ok(placed)
     }
 
-    pub(super) async fn get_order(&self, account: &AccountId, id: OrderId) -> Result<Order, Error> {
-        let row: Option<OrderRow> = sqlx::query_as(concat!(
-            "select ",
-            order_columns!(),
-            " from orders where order_id = $1 and account_id = $2"
-        ))
-        .bind(id.uuid())
-        .bind(account.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("reading the order"))?;
-        row.ok_or(Error::NotFound)?.try_into()
-    }
-
-    pub(super) async fn get_order_by_key(
-        &self,
-        account: &AccountId,
-        key: ClientRequestId,
-    ) -> Result<Order, Error> {
-        let live: Option<OrderRow> = sqlx::query_as(concat!(
-            "select ",
-            order_columns!(),
-            r" from orders where order_id = (
-                   select order_id from idempotency_keys
-                   where account_id = $1 and client_request_id = $2 and expire_time > clock_timestamp())"
-        ))
-        .bind(account.as_str())
-        .bind(key.uuid())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("reading the order by its key"))?;
-        if let Some(row) = live {
-            return row.try_into();
-        }
-        let newest: Option<OrderRow> = sqlx::query_as(concat!(
-            "select ",
-            order_columns!(),
-            r" from orders where account_id = $1 and client_request_id = $2
-               order by create_time desc, order_id desc limit 1"
-        ))
-        .bind(account.as_str())
-        .bind(key.uuid())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("reading the newest order of a key"))?;
-        newest.ok_or(Error::NotFound)?.try_into()
-    }
-
-    pub(super) async fn list_orders(
-        &self,
-        account: &AccountId,
-        filter: &OrderFilter,
-        after: Option<Cursor>,
-        limit: u32,
-    ) -> Result<Vec<Order>, Error> {
-        // Built from fixed fragments only; every value is bound.
-        let mut sql =
-            String::from(concat!("select ", order_columns!(), " from orders where account_id = $1"));
-        let mut n = 1;
-        let mut param = |sql: &mut String, fragment: &str| {
-            n += 1;
-            sql.push_str(&fragment.replace('?', &format!("${n}")));
-        };
-        if filter.symbol.is_some() {
-            param(&mut sql, " and symbol = ?");
-        }
-        if filter.status.is_some() {
-            param(&mut sql, " and status = ?");
-        }
-        if after.is_some() {
-            param(&mut sql, " and (create_time, order_id) < (?");
-            param(&mut sql, ", ?)");
-        }
-        param(&mut sql, " order by create_time desc, order_id desc limit ?");
-        let mut query = sqlx::query_as::<_, OrderRow>(AssertSqlSafe(sql)).bind(account.as_str());
-        if let Some(symbol) = &filter.symbol {
-            query = query.bind(symbol.as_str());
-        }
-        if let Some(status) = filter.status {
-            query = query.bind(status.as_str());
-        }
-        if let Some(after) = after {
-            query = query.bind(to_datetime(after.create_time)).bind(after.order_id.uuid());
-        }
-        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(db("listing orders"))?;
-        rows.into_iter().map(Order::try_from).collect()
-    }
-
-    pub(super) async fn cancel_order(
-        &self,
-        account: &AccountId,
-        id: OrderId,
-    ) -> Result<(Order, bool), Error> {
-        // A concurrent cancel waits on the row lock, then finds the status
-        // changed and updates nothing: one state change.
-        let canceled: Option<OrderRow> = sqlx::query_as(concat!(
-            r"update orders set status = 'CANCELED', update_time = greatest(clock_timestamp(), create_time)
-              where order_id = $1 and account_id = $2 and status = 'NEW'
-              returning ",
-            order_columns!()
-        ))
-        .bind(id.uuid())
-        .bind(account.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("cancelling the order"))?;
-        match canceled {
-            Some(row) => Ok((row.try_into()?, true)),
-            // Already cancelled, or not this account's order.
-            None => Ok((self.get_order(account, id).await?, false)),
-        }
-    }
-
-    /// Expired on the database's clock. Skips keys another replica's purge
-    /// has locked, so purges on every replica never wait on each other.
-    pub(super) async fn purge_expired_keys(&self, limit: u32) -> Result<u64, Error> {
-        let result = sqlx::query(
-            r"delete from idempotency_keys
-              where (account_id, client_request_id) in (
-                  select account_id, client_request_id from idempotency_keys
-                  where expire_time <= statement_timestamp() order by expire_time limit $1
-                  for update skip locked)",
-        )
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await
-        .map_err(db("purging expired idempotency keys"))?;
-        Ok(result.rows_affected())
-    }
-
     /// Ready means orders can be placed: the server answers, and would take
     /// a write (it is not a standby, and sessions are not read-only).
     pub(super) async fn ping(&self) -> Result<(), Error> {
@@ -299,6 +170,103 @@ impl PgStore {
 
     pub(super) async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Every time here is the database server's clock.
+impl Statements for PgStore {
+    async fn order_by_id(&self, account: &AccountId, id: OrderId) -> Result<Option<Order>, Error> {
+        let query = sqlx::query_as(concat!(
+            "select ",
+            order_columns!(),
+            " from orders where order_id = $1 and account_id = $2"
+        ))
+        .bind(id.uuid())
+        .bind(account.as_str());
+        fetch_order(query, &self.pool, "reading the order").await
+    }
+
+    async fn order_of_live_key(
+        &self,
+        account: &AccountId,
+        key: ClientRequestId,
+    ) -> Result<Option<Order>, Error> {
+        let query = sqlx::query_as(concat!(
+            "select ",
+            order_columns!(),
+            r" from orders where order_id = (
+                   select order_id from idempotency_keys
+                   where account_id = $1 and client_request_id = $2 and expire_time > clock_timestamp())"
+        ))
+        .bind(account.as_str())
+        .bind(key.uuid());
+        fetch_order(query, &self.pool, "reading the order by its key").await
+    }
+
+    async fn newest_order_of_key(
+        &self,
+        account: &AccountId,
+        key: ClientRequestId,
+    ) -> Result<Option<Order>, Error> {
+        let query = sqlx::query_as(concat!(
+            "select ",
+            order_columns!(),
+            r" from orders where account_id = $1 and client_request_id = $2
+               order by create_time desc, order_id desc limit 1"
+        ))
+        .bind(account.as_str())
+        .bind(key.uuid());
+        fetch_order(query, &self.pool, "reading the newest order of a key").await
+    }
+
+    async fn orders_page(
+        &self,
+        account: &AccountId,
+        filter: &OrderFilter,
+        after: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Vec<Order>, Error> {
+        let mut query = QueryBuilder::<Postgres>::new(concat!(
+            "select ",
+            order_columns!(),
+            " from orders where account_id = "
+        ));
+        let after = after.map(|c| (to_datetime(c.create_time), c.order_id.uuid()));
+        flows::page_query(&mut query, account, filter, after, limit);
+        let rows: Vec<OrderRow> =
+            query.build_query_as().fetch_all(&self.pool).await.map_err(db("listing orders"))?;
+        rows.into_iter().map(Order::try_from).collect()
+    }
+
+    /// A concurrent cancel waits on the row lock, then finds the status
+    /// changed and updates nothing: one state change.
+    async fn cancel_if_new(&self, account: &AccountId, id: OrderId) -> Result<Option<Order>, Error> {
+        let query = sqlx::query_as(concat!(
+            r"update orders set status = 'CANCELED', update_time = greatest(clock_timestamp(), create_time)
+              where order_id = $1 and account_id = $2 and status = 'NEW'
+              returning ",
+            order_columns!()
+        ))
+        .bind(id.uuid())
+        .bind(account.as_str());
+        fetch_order(query, &self.pool, "cancelling the order").await
+    }
+
+    /// Skips keys another replica's purge has locked, so purges on every
+    /// replica never wait on each other.
+    async fn delete_expired_keys(&self, limit: u32) -> Result<u64, Error> {
+        let result = sqlx::query(
+            r"delete from idempotency_keys
+              where (account_id, client_request_id) in (
+                  select account_id, client_request_id from idempotency_keys
+                  where expire_time <= statement_timestamp() order by expire_time limit $1
+                  for update skip locked)",
+        )
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db("purging expired idempotency keys"))?;
+        Ok(result.rows_affected())
     }
 }
 
@@ -524,6 +492,16 @@ fn db_key(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
         sqlx::Error::Database(e) if e.code().as_deref() == Some("55P03") => Error::KeyInUse,
         _ => db(context)(error),
     }
+}
+
+/// The order `query` (a select, or an update returning the order's
+/// columns) finds, if any.
+async fn fetch_order(
+    query: sqlx::query::QueryAs<'_, Postgres, OrderRow, sqlx::postgres::PgArguments>,
+    pool: &PgPool,
+    context: &'static str,
+) -> Result<Option<Order>, Error> {
+    query.fetch_optional(pool).await.map_err(db(context))?.map(Order::try_from).transpose()
 }
 
 /// A key row joined with its order.
