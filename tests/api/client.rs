@@ -92,7 +92,7 @@ async fn orderctl_places_gets_lists_and_cancels_with_json_output(engine: Engine)
     let app = spawn_app(engine).await;
     let addr = format!("http://{}", app.addr);
     let orderctl = |args: &[&str]| {
-        let out = std::process::Command::new(crate::process::orderctl())
+        let out = std::process::Command::new(crate::helpers::orderctl())
             .args(["--addr", &addr, "--json"])
             .args(args)
             .output()
@@ -171,7 +171,7 @@ async fn orderctl_places_gets_lists_and_cancels_with_json_output(engine: Engine)
 #[tokio::test]
 async fn orderctl_exits_4_when_the_service_is_unreachable() {
     let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let out = tokio::process::Command::new(crate::process::orderctl())
+    let out = tokio::process::Command::new(crate::helpers::orderctl())
         .args(["--addr", &format!("http://{addr}"), "--timeout", "1s", "list"])
         .output()
         .await

@@ -16,8 +16,8 @@ use order_service::proto::PlaceOrderRequest;
 use tokio::sync::Notify;
 
 use crate::{
+    helpers::process::ServerProcess,
     helpers::{Db, Engine, TestDatabase, engine_tests, limit_order, new_key, random_below},
-    process::ServerProcess,
 };
 
 const CALLERS: usize = 8;

@@ -12,11 +12,11 @@ use tonic::{Code, Request, codegen::http::uri::PathAndQuery};
 use tonic_types::StatusExt;
 
 use crate::{
+    helpers::process::ServerProcess,
     helpers::{
         Engine, RawCodec, TestDatabase, channel, closed_by_server, engine_tests, limit_order, new_key,
         raw_h2, read_until_closed, spawn_app,
     },
-    process::ServerProcess,
 };
 
 async fn malformed_messages_and_unknown_enums_get_clear_errors_and_write_nothing(engine: Engine) {

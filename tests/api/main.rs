@@ -15,7 +15,6 @@ mod operations;
 mod outages;
 mod pg_server;
 mod place_order;
-mod process;
 mod properties;
 mod races;
 mod security;

@@ -9,8 +9,8 @@ use tonic::{Code, Request, codegen::http::uri::PathAndQuery};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
+    helpers::process::ServerProcess,
     helpers::{RawCodec, channel, limit_order, new_key},
-    process::ServerProcess,
 };
 
 /// `GET /metrics` over a plain HTTP/1.1 connection; the body.

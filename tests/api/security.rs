@@ -16,11 +16,11 @@ use tonic::{
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
+    helpers::process::{BIN, ServerProcess},
     helpers::{
         Engine, TestApp, channel, closed_by_server, engine_tests, limit_order, new_key, raw_h2,
         spawn_app_with,
     },
-    process::{BIN, ServerProcess},
 };
 
 /// Two accounts' tokens and a token file naming them.

@@ -18,8 +18,8 @@ use tonic_health::pb::{
 };
 
 use crate::{
+    helpers::process::{BIN, ServerProcess, send_signal},
     helpers::{Db, Engine, TestDatabase, channel, engine_tests, limit_order, new_key},
-    process::{BIN, ServerProcess, send_signal},
 };
 
 async fn sigterm_during_a_stream_of_calls_completes_or_fails_each_retryably_and_exits_zero(engine: Engine) {

@@ -16,8 +16,8 @@ use order_service::proto::{
 use tonic::Request;
 
 use crate::{
+    helpers::process::ServerProcess,
     helpers::{Engine, TestDatabase, channel, engine_tests, limit_order, new_key, random_below},
-    process::ServerProcess,
 };
 
 const CALLERS: usize = 8;

@@ -1,0 +1,22 @@
+//! Test harness, by concern: which engine a test runs on ([`engines`]), its
+//! database ([`database`]), the in-process server ([`app`]), the server
+//! binary as an operator runs it ([`process`]), what tests send
+//! ([`requests`]), a Postgres cluster of a test's own ([`cluster`]), and
+//! raw-wire tools ([`wire`]). Everything is re-exported here, so a test
+//! imports from `crate::helpers`.
+
+pub mod app;
+pub mod cluster;
+pub mod database;
+pub mod engines;
+pub mod process;
+pub mod requests;
+pub mod wire;
+
+pub use app::*;
+pub use cluster::*;
+pub use database::*;
+pub(crate) use engines::{Engine, engine_tests, postgres_tests};
+pub use process::*;
+pub use requests::*;
+pub use wire::*;

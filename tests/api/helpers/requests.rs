@@ -1,0 +1,27 @@
+//! What tests send: fresh keys, valid orders, random choices.
+
+use order_service::proto::{OrderType, PlaceOrderRequest, Side};
+
+/// A fresh idempotency key.
+pub fn new_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A valid limit order: buy 10 AAPL at 187.5.
+pub fn limit_order(key: &str) -> PlaceOrderRequest {
+    PlaceOrderRequest {
+        client_request_id: key.to_owned(),
+        symbol: "AAPL".to_owned(),
+        side: Side::Buy as i32,
+        order_type: OrderType::Limit as i32,
+        quantity: "10".to_owned(),
+        limit_price: "187.5".to_owned(),
+        time_in_force: 0,
+    }
+}
+
+/// A uniformly random number below `n`, from the OS's random source.
+pub fn random_below(n: usize) -> usize {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    (u64::from_le_bytes(bytes[..8].try_into().unwrap()) % n as u64) as usize
+}
