@@ -321,7 +321,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_match_the_readme() {
+    fn defaults_match_the_flag_reference() {
         let c = Config::defaults();
         assert_eq!(c.listen, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(c.database_url, "sqlite://orders.db");

@@ -4,6 +4,7 @@ mod cancel_order;
 mod client;
 mod crash;
 mod discovery;
+mod docs;
 mod edges;
 mod expiry;
 mod failures;
