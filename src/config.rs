@@ -140,7 +140,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
 
     /// File of accepted bearer tokens: one `ACCOUNT SHA256-HEX-OF-TOKEN` per
-    /// line, `#` comments. Reloaded on SIGHUP. Calls must then carry
+    /// line, `#` comments. Read again within 2 s of a change and on SIGHUP;
+    /// a file with bad lines grants only its good ones. Calls must then carry
     /// `authorization: Bearer TOKEN` (or a client certificate).
     #[arg(long, env = "ORDERS_AUTH_TOKENS_FILE")]
     pub auth_tokens_file: Option<PathBuf>,

@@ -14,6 +14,7 @@
 mod health;
 mod malformed;
 mod net;
+mod open_calls;
 mod purge;
 mod signals;
 mod tokens;
@@ -52,6 +53,10 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest message health and reflection read (they need no
 /// credentials; their requests are a few dozen bytes).
 const OPEN_SERVICE_MAX_MESSAGE: usize = 1024;
+/// Most calls to the services that need no credentials (health,
+/// reflection) whose request has not been read yet, on one listener: the
+/// bound on what callers nobody knows can make the server hold.
+const OPEN_CALLS_UNREAD: usize = 256;
 /// Most connections the metrics endpoint holds at once: its own cap, so
 /// idle scrapers (HTTP keep-alive) cannot take the gRPC listeners' slots.
 const METRICS_MAX_CONNECTIONS: usize = 16;
@@ -92,6 +97,26 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<net::tls::Tls>>> {
     let files =
         net::tls::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: config.tls_client_ca.clone() };
     Ok(Some(Arc::new(net::tls::Tls::load(files)?)))
+}
+
+/// A gRPC server with the bounds every listener shares: streams per
+/// connection, HTTP/2 windows and header size, resets, keepalive, the
+/// longest call and the oldest connection.
+fn http2_server(config: &Config) -> Server {
+    Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .timeout(config.request_timeout)
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        // No max_connection_age_grace: with one, tonic 0.14 sends no
+        // GOAWAY at the age but closes the connection, calls and all, at
+        // age + grace. Without it, the GOAWAY goes out at the age and the
+        // calls in flight finish, each within --request-timeout.
+        .max_connection_age(config.max_connection_age)
 }
 
 impl Application {
@@ -276,12 +301,9 @@ impl Application {
         if let Some(listener) = health_listener {
             let health_addr = listener.local_addr()?;
             let incoming = net::connections(TcpIncoming::from(listener), admission.clone(), None);
-            let health_only = Server::builder()
-                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-                .max_connection_age(config.max_connection_age)
-                .timeout(config.request_timeout)
+            let health_only = http2_server(&config)
                 .layer(crate::telemetry::metrics::RpcMetricsLayer)
+                .layer(open_calls::OpenCallsLayer::new(OPEN_CALLS_UNREAD))
                 .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(incoming, stopped(&servers_rx));
             side_servers.push(tokio::spawn(async move {
@@ -292,24 +314,12 @@ impl Application {
             tracing::info!(addr = %health_addr, "health listening");
         }
 
-        let mut builder = Server::builder()
-            .max_concurrent_streams(config.max_concurrent_streams)
-            .timeout(config.request_timeout)
-            .initial_stream_window_size(Some(STREAM_WINDOW))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW))
-            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
-            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            // No max_connection_age_grace: with one, tonic 0.14 sends no
-            // GOAWAY at the age but closes the connection, calls and all,
-            // at age + grace. Without it, the GOAWAY goes out at the age and
-            // the calls in flight finish, each within --request-timeout.
-            .max_connection_age(config.max_connection_age)
+        let mut builder = http2_server(&config)
             // Outermost first: the metrics see the code the caller gets.
             .layer(crate::telemetry::metrics::RpcMetricsLayer)
             .layer(malformed::MalformedRequestsLayer)
-            .layer(crate::api::AuthLayer(auth.clone()));
+            .layer(crate::api::AuthLayer(auth.clone()))
+            .layer(open_calls::OpenCallsLayer::new(OPEN_CALLS_UNREAD));
         let incoming = net::connections(
             TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE)),
             admission.clone(),

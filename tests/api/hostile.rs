@@ -315,14 +315,7 @@ async fn every_listener_closes_connections_slow_or_silent_before_their_request_h
         "127.0.0.1:0",
     ])
     .await;
-    // Logged before "listening", which the start waited for.
-    let health: std::net::SocketAddr = server
-        .lines()
-        .iter()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|event| event["message"] == "health listening")
-        .and_then(|event| event["addr"].as_str()?.parse().ok())
-        .expect("the health listener's address");
+    let health = server.health_addr();
     let metrics: std::net::SocketAddr = server.metrics_addr.clone().unwrap().parse().unwrap();
     for (name, addr) in [("health", health), ("metrics", metrics), ("gRPC", server.addr)] {
         let silent = TcpStream::connect(addr).await.unwrap();
@@ -347,12 +340,83 @@ async fn every_listener_closes_connections_slow_or_silent_before_their_request_h
     kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let sent = read_until_closed(kept).await.expect("metrics: a keep-alive connection idle is closed");
     assert!(sent.starts_with(b"HTTP/1.1 200"), "metrics: the request was answered first");
+    // Blank lines alone are no request: hyper skips them and waits on.
+    let mut blank = TcpStream::connect(metrics).await.unwrap();
+    blank.write_all(b"\r\n\r\n\n\n").await.unwrap();
+    assert!(closed_by_server(blank).await, "metrics: a connection sending blank lines alone is closed");
+    // HTTP/2 to the metrics listener (h2c): refused at once, nothing served.
+    let mut h2c = TcpStream::connect(metrics).await.unwrap();
+    h2c.write_all(&raw_h2::opening_and_request()).await.unwrap();
+    let sent = read_until_closed(h2c).await.expect("metrics: an HTTP/2 connection is closed");
+    assert!(sent.is_empty(), "metrics: nothing is served over HTTP/2: {sent:?}");
 
     let first = server.metric("orders_connections_timed_out_total{stage=\"first_request\"}").await;
     let next = server.metric("orders_connections_timed_out_total{stage=\"next_request\"}").await;
+    let protocol = server.metric("orders_connections_refused_total{reason=\"protocol\"}").await;
     // Half a request on an HTTP/2 listener is a bad preface: hyper closes it
     // at once, uncounted here.
-    assert_eq!((first, next), (6.0, 3.0), "closes counted by stage (first request, next request)");
+    assert_eq!((first, next), (7.0, 3.0), "closes counted by stage (first request, next request)");
+    assert_eq!(protocol, 1.0, "the HTTP/2 connection to the metrics listener is counted");
+}
+
+/// A peer that sends and never reads stops the server's reads too (its
+/// writes back up): it is closed within `--handshake-timeout` all the same,
+/// before its first request and after one. (It was held for good: the
+/// deadline was looked at only when a read waited.)
+#[tokio::test]
+async fn a_peer_that_never_reads_is_closed() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let server = ServerProcess::start(&["--database-url", &database.url, "--handshake-timeout", "1s"]).await;
+    for (stage, opening) in
+        [("first_request", raw_h2::opening()), ("stalled_write", raw_h2::opening_and_request())]
+    {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let (_unread, mut writer) = socket.connect(server.addr).await.unwrap().into_split();
+        // Each PING asks for a PING ACK that is never read.
+        let pings = raw_h2::frame(0x6, 0, 0, &[0; 8]).repeat(4096);
+        let flood = tokio::spawn(async move {
+            let _ = writer.write_all(&opening).await;
+            while writer.write_all(&pings).await.is_ok() {}
+        });
+        let sample = format!("orders_connections_timed_out_total{{stage=\"{stage}\"}}");
+        let closed = async {
+            while server.metric(&sample).await < 1.0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let closed = tokio::time::timeout(Duration::from_secs(20), closed).await;
+        flood.abort();
+        assert!(closed.is_ok(), "{stage}: a peer that never reads is closed and counted");
+    }
+}
+
+/// The plain-text health listener has the HTTP/2 bounds of the gRPC one
+/// (it had none: unbounded streams, 1 MiB windows): the same SETTINGS.
+#[tokio::test]
+async fn the_health_listener_has_the_http2_bounds_of_the_grpc_listener() {
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let server =
+        ServerProcess::start(&["--database-url", &database.url, "--health-listen", "127.0.0.1:0"]).await;
+    let settings = async |addr| {
+        use tokio::io::AsyncReadExt;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&raw_h2::opening()).await.unwrap();
+        let mut header = [0u8; 9];
+        stream.read_exact(&mut header).await.unwrap();
+        assert_eq!(header[3], 0x4, "the server's first frame is its SETTINGS");
+        let mut payload = vec![0u8; u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize];
+        stream.read_exact(&mut payload).await.unwrap();
+        payload
+            .chunks(6)
+            .map(|s| (u16::from_be_bytes([s[0], s[1]]), u32::from_be_bytes([s[2], s[3], s[4], s[5]])))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let grpc = settings(server.addr).await;
+    let health = settings(server.health_addr()).await;
+    assert_eq!(health, grpc, "the same SETTINGS on both listeners");
+    assert_eq!(health.get(&0x3), Some(&128), "at most 128 streams a connection");
+    assert_eq!(health.get(&0x4), Some(&65_536), "a 64 KiB stream window");
 }
 
 /// A client that connects early and idles past `--handshake-timeout` before

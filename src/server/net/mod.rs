@@ -20,7 +20,7 @@
 //! Every accepted connection also holds one of `--max-connections` slots
 //! until it closes; over the cap a new connection is closed at once and
 //! counted. A failed accept (out of descriptors: EMFILE, ENFILE) backs off,
-//! from 10 ms doubling to 1 s while failures last, instead of retrying at
+//! from 10 ms doubling to 250 ms while failures last, instead of retrying at
 //! once in a loop that spins a core; each one is logged and counted.
 
 use std::{
@@ -54,7 +54,7 @@ pub use progress::Protocol;
 use progress::{Due, Frames, Progress};
 
 /// The longest wait after a failed accept.
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(250);
 
 /// What every listener does with an accepted connection: a slot under
 /// `--max-connections` (none left: closed at once and counted), and the
@@ -253,6 +253,11 @@ pub struct DeadlineStream<S> {
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
     armed: bool,
+    /// When a write that made no progress gives up: a peer that stops
+    /// reading stops the server reading too (its writes back up), so the
+    /// read side's deadline would never be looked at.
+    stall: Pin<Box<Sleep>>,
+    stalled: bool,
     peer: Option<SocketAddr>,
     /// Its place under `--max-connections`, given back when it closes.
     _slot: OwnedSemaphorePermit,
@@ -268,6 +273,8 @@ impl<S> DeadlineStream<S> {
             timeout: ticket.timeout,
             deadline: Box::pin(tokio::time::sleep_until(ticket.deadline)),
             armed: true,
+            stall: Box::pin(tokio::time::sleep_until(ticket.deadline)),
+            stalled: false,
             peer: ticket.peer,
             _slot: ticket.slot,
         }
@@ -283,11 +290,23 @@ impl<S> DeadlineStream<S> {
             }
             Due::Start => {}
             Due::Stop => self.armed = false,
+            // Answered by the read that saw it.
+            Due::Refuse => {}
         }
     }
 
-    /// The server wrote `bytes`.
-    fn wrote<'a>(&mut self, bytes: impl Iterator<Item = &'a [u8]>) {
+    /// The read deadline passed (while it runs): closes the connection,
+    /// counted by stage.
+    fn timed_out(&mut self, stage: &'static str) -> io::Error {
+        crate::telemetry::metrics::record_connection_timed_out(stage);
+        tracing::debug!(peer = ?self.peer, stage, "closing a connection that did not keep up in time");
+        io::Error::new(io::ErrorKind::TimedOut, "closed by the connection's deadline")
+    }
+
+    /// The server wrote `bytes`, in a poll with `cx`. A deadline this starts
+    /// is registered with `cx` at once: the task may not read again (and
+    /// look at the deadline there) before something wakes it.
+    fn wrote<'a>(&mut self, cx: &mut Context<'_>, bytes: impl Iterator<Item = &'a [u8]>) {
         let mut any = false;
         for piece in bytes {
             any |= !piece.is_empty();
@@ -298,6 +317,9 @@ impl<S> DeadlineStream<S> {
         if any {
             let due = self.progress.wrote();
             self.apply(due);
+            if self.armed && self.deadline.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
         }
     }
 }
@@ -335,6 +357,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeadlineStream<S> {
                 let read = &buf.filled()[before..];
                 if !read.is_empty() {
                     let due = this.progress.read(read);
+                    if due == Due::Refuse {
+                        crate::telemetry::metrics::record_connection_refused("protocol");
+                        tracing::debug!(peer = ?this.peer, "closing an HTTP/2 connection to an HTTP/1 listener");
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "this listener serves HTTP/1 only",
+                        )));
+                    }
                     this.apply(due);
                     if !this.progress.before_first_request() {
                         this.written = None;
@@ -352,12 +382,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeadlineStream<S> {
                 } else {
                     "next_request"
                 };
-                crate::telemetry::metrics::record_connection_timed_out(stage);
-                tracing::debug!(peer = ?this.peer, stage, "closing a connection that sent no request headers in time");
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no request headers within the deadline",
-                )))
+                Poll::Ready(Err(this.timed_out(stage)))
             }
             failed => failed,
         }
@@ -366,8 +391,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeadlineStream<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for DeadlineStream<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
-        self.wrote(std::iter::once(&buf[..written]));
+        let Poll::Ready(written) = Pin::new(&mut self.inner).poll_write(cx, buf) else {
+            return self.write_pending(cx);
+        };
+        let written = written?;
+        self.stalled = false;
+        self.wrote(cx, std::iter::once(&buf[..written]));
         Poll::Ready(Ok(written))
     }
 
@@ -376,13 +405,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for DeadlineStream<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        let Poll::Ready(written) = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) else {
+            return self.write_pending(cx);
+        };
+        let written = written?;
+        self.stalled = false;
         let mut left = written;
-        self.wrote(bufs.iter().map(|buf| {
-            let n = left.min(buf.len());
-            left -= n;
-            &buf[..n]
-        }));
+        self.wrote(
+            cx,
+            bufs.iter().map(|buf| {
+                let n = left.min(buf.len());
+                left -= n;
+                &buf[..n]
+            }),
+        );
         Poll::Ready(Ok(written))
     }
 
@@ -391,11 +427,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for DeadlineStream<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let Poll::Ready(flushed) = Pin::new(&mut self.inner).poll_flush(cx) else {
+            return self.write_pending(cx);
+        };
+        self.stalled = false;
+        Poll::Ready(flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> DeadlineStream<S> {
+    /// A write (or flush) that cannot go on: the peer is not reading. It
+    /// fails once the read deadline has passed (a peer that never sent its
+    /// request's headers and stopped the server's reads by not reading), or
+    /// once it has made no progress for `--handshake-timeout`.
+    fn write_pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if self.armed && self.deadline.as_mut().poll(cx).is_ready() {
+            let stage = if self.progress.before_first_request() { "first_request" } else { "next_request" };
+            return Poll::Ready(Err(self.timed_out(stage)));
+        }
+        if !self.stalled {
+            self.stall.as_mut().reset(Instant::now() + self.timeout);
+            self.stalled = true;
+        }
+        if self.stall.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(self.timed_out("stalled_write")));
+        }
+        Poll::Pending
     }
 }
 

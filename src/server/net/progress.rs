@@ -12,9 +12,10 @@
 //!   bound it).
 //! - **HTTP/1** (the metrics listener): from the accept, and again from each
 //!   byte of a response the server writes, until a request head ends (a
-//!   blank line). So a keep-alive connection idle after its response is
-//!   closed too. A client that opens with the HTTP/2 preface is tracked as
-//!   HTTP/2.
+//!   blank line after a request line: blank lines before one are skipped,
+//!   as hyper skips them). So a keep-alive connection idle after its
+//!   response is closed too. A client that opens with the HTTP/2 preface is
+//!   refused: the listener serves HTTP/1 only.
 //!
 //! Only frame headers are read; payloads are skipped by length, so this
 //! costs a few comparisons per read.
@@ -125,30 +126,47 @@ impl Frames {
     }
 }
 
-/// Where an HTTP/1 request stream is: inside a head, or after its blank line.
+/// Where an HTTP/1 request stream is: between heads, or inside one.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Heads {
-    /// The last bytes read, for finding `\r\n\r\n` (or `\n\n`) across reads.
+    /// The last bytes of the head being read, for finding `\r\n\r\n` (or
+    /// `\n\n`) across reads.
     tail: [u8; 4],
+    /// A head has begun (a byte other than CR or LF since the last ended).
+    in_head: bool,
     /// Heads completed.
     pub heads: u64,
-    /// Bytes read since the last head ended.
-    since_head: usize,
+    /// The first bytes of the first head, to tell the HTTP/2 preface.
+    opening: Vec<u8>,
 }
 
 impl Heads {
     /// Reads `bytes`, the next ones of the stream.
     pub fn read(&mut self, bytes: &[u8]) {
         for &byte in bytes {
-            self.tail = [self.tail[1], self.tail[2], self.tail[3], byte];
-            self.since_head += 1;
-            let blank_line = self.tail == *b"\r\n\r\n" || self.tail[2..] == *b"\n\n";
-            if blank_line && self.since_head >= 2 {
-                self.heads += 1;
-                self.since_head = 0;
+            if !self.in_head {
+                // Blank lines between requests are skipped (RFC 9112 2.2),
+                // so they end nothing.
+                if byte == b'\r' || byte == b'\n' {
+                    continue;
+                }
+                self.in_head = true;
                 self.tail = [0; 4];
             }
+            if self.heads == 0 && self.opening.len() < 4 {
+                self.opening.push(byte);
+            }
+            self.tail = [self.tail[1], self.tail[2], self.tail[3], byte];
+            if self.tail == *b"\r\n\r\n" || self.tail[2..] == *b"\n\n" {
+                self.heads += 1;
+                self.in_head = false;
+            }
         }
+    }
+
+    /// Whether the client opened with the HTTP/2 preface (`PRI * HTTP/2.0`).
+    fn is_http2(&self) -> bool {
+        self.opening.as_slice() == &PREFACE[..4]
     }
 }
 
@@ -157,9 +175,8 @@ impl Heads {
 pub(crate) enum Progress {
     /// HTTP/2 frames.
     Http2(Frames),
-    /// HTTP/1 heads; the first bytes are kept until the first head ends,
-    /// in case they are the HTTP/2 preface.
-    Http1 { heads: Heads, opening: Option<Vec<u8>> },
+    /// HTTP/1 heads.
+    Http1(Heads),
 }
 
 /// What the deadline should do after a read.
@@ -171,6 +188,8 @@ pub(crate) enum Due {
     Start,
     /// Headers are complete: stop the deadline.
     Stop,
+    /// The client speaks what this listener does not serve: close it.
+    Refuse,
 }
 
 impl Progress {
@@ -178,7 +197,7 @@ impl Progress {
     pub fn new(protocol: Protocol) -> Self {
         match protocol {
             Protocol::Http2 => Self::Http2(Frames::client()),
-            Protocol::Http1 => Self::Http1 { heads: Heads::default(), opening: Some(Vec::new()) },
+            Protocol::Http1 => Self::Http1(Heads::default()),
         }
     }
 
@@ -195,32 +214,16 @@ impl Progress {
                     (_, false) => Due::Stop,
                 }
             }
-            Self::Http1 { heads, opening } => {
+            Self::Http1(heads) => {
                 let before = heads.heads;
-                let Some(first) = opening else {
-                    heads.read(bytes);
-                    return if heads.heads > before { Due::Stop } else { Due::Keep };
-                };
-                // Until the first head ends, keep its bytes (at most one
-                // preface line's worth) to tell HTTP/2's preface apart.
-                for (i, &byte) in bytes.iter().enumerate() {
-                    heads.read(&[byte]);
-                    if first.len() < 18 {
-                        first.push(byte);
-                    }
-                    if heads.heads > before {
-                        if first.as_slice() == &PREFACE[..18] {
-                            let mut frames = Frames::client();
-                            frames.read(&PREFACE[..18]);
-                            *self = Self::Http2(frames);
-                            return self.read(&bytes[i + 1..]);
-                        }
-                        *opening = None;
-                        heads.read(&bytes[i + 1..]);
-                        return Due::Stop;
-                    }
+                heads.read(bytes);
+                if heads.is_http2() {
+                    Due::Refuse
+                } else if heads.heads > before {
+                    Due::Stop
+                } else {
+                    Due::Keep
                 }
-                Due::Keep
             }
         }
     }
@@ -229,7 +232,7 @@ impl Progress {
     /// head is now awaited (a keep-alive connection must not idle forever).
     pub fn wrote(&self) -> Due {
         match self {
-            Self::Http1 { .. } => Due::Start,
+            Self::Http1(_) => Due::Start,
             Self::Http2(_) => Due::Keep,
         }
     }
@@ -238,7 +241,7 @@ impl Progress {
     pub fn before_first_request(&self) -> bool {
         match self {
             Self::Http2(frames) => frames.blocks == 0,
-            Self::Http1 { heads, .. } => heads.heads == 0,
+            Self::Http1(heads) => heads.heads == 0,
         }
     }
 }
@@ -301,21 +304,31 @@ mod tests {
     }
 
     #[test]
-    fn http1_heads_end_at_a_blank_line_and_the_http2_preface_switches() {
+    fn http1_heads_end_at_a_blank_line_after_a_request_line() {
         let mut progress = Progress::new(Protocol::Http1);
         assert_eq!(progress.read(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"), Due::Keep);
         assert_eq!(progress.read(b"\r"), Due::Keep);
         assert_eq!(progress.read(b"\n"), Due::Stop);
         assert_eq!(progress.wrote(), Due::Start);
         assert_eq!(progress.read(b"GET / HTTP/1.1\n\n"), Due::Stop);
+        // Blank lines alone (before a request, or between two) end nothing:
+        // hyper skips them and waits on.
+        let mut progress = Progress::new(Protocol::Http1);
+        assert_eq!(progress.read(b"\r\n\r\n\n\n\r\n"), Due::Keep);
+        assert!(progress.before_first_request());
+        assert_eq!(progress.read(b"GET / HTTP/1.1\r\n\r\n"), Due::Stop);
+        assert_eq!(progress.read(b"\r\n\r\n"), Due::Keep);
+    }
 
-        for chunk in [1, 5, 100] {
+    #[test]
+    fn http1_listeners_refuse_the_http2_preface() {
+        for chunk in [1, 3, 24] {
             let mut progress = Progress::new(Protocol::Http1);
-            let dues: Vec<_> = request().chunks(chunk).map(|piece| progress.read(piece)).collect();
-            assert!(matches!(progress, Progress::Http2(_)), "split every {chunk}");
-            assert_eq!(dues.last(), Some(&Due::Stop), "split every {chunk}");
-            assert_eq!(progress.wrote(), Due::Keep);
+            let dues: Vec<_> = PREFACE.chunks(chunk).map(|piece| progress.read(piece)).collect();
+            assert!(dues.contains(&Due::Refuse), "split every {chunk}: {dues:?}");
         }
+        let mut progress = Progress::new(Protocol::Http1);
+        assert_eq!(progress.read(b"PRIVATE / HTTP/1.1\r\n\r\n"), Due::Stop);
     }
 
     #[test]

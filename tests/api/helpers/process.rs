@@ -116,6 +116,17 @@ impl ServerProcess {
         }
     }
 
+    /// The address of the `--health-listen` listener.
+    pub fn health_addr(&self) -> SocketAddr {
+        // Logged before "listening", which the start waited for.
+        self.lines()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|event| event["message"] == "health listening")
+            .and_then(|event| event["addr"].as_str()?.parse().ok())
+            .expect("the health listener's address (start with --health-listen)")
+    }
+
     /// Every line the server has written to stdout so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
