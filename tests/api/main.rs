@@ -7,6 +7,7 @@ mod discovery;
 mod docs;
 mod edges;
 mod expiry;
+mod failover;
 mod failures;
 mod get_order;
 mod helpers;

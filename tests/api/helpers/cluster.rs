@@ -13,9 +13,16 @@ pub struct Cluster(pub tempfile::TempDir);
 impl Cluster {
     /// `scripts/pg-cluster VERB DIR`: `start` prints the URL.
     pub fn run(&self, verb: &str) -> String {
+        self.run_with(verb, &[], "")
+    }
+
+    /// `scripts/pg-cluster VERB DIR ARGS…` with `PG_CLUSTER_CONF=conf`.
+    pub fn run_with(&self, verb: &str, args: &[&str], conf: &str) -> String {
         let out = std::process::Command::new(repo_path("scripts/pg-cluster"))
             .arg(verb)
             .arg(self.0.path())
+            .args(args)
+            .env("PG_CLUSTER_CONF", conf)
             .output()
             .unwrap();
         assert!(out.status.success(), "pg-cluster {verb}: {}", String::from_utf8_lossy(&out.stderr));
