@@ -23,8 +23,18 @@ use tonic::{Code, codegen::http};
 /// expired_reuse, invalid, unavailable, deadline_exceeded (nothing written),
 /// outcome_unknown (the write was sent; the caller should retry to learn), …
 pub const PLACE_OUTCOMES: &str = "orders_place_outcomes_total";
+/// RPCs started (every service) by type, service and method.
+pub const STARTED: &str = "grpc_server_started_total";
 /// Finished RPCs (every service) by type, service, method and status code.
 pub const HANDLED: &str = "grpc_server_handled_total";
+/// Request messages received, by type, service and method.
+pub const MSG_RECEIVED: &str = "grpc_server_msg_received_total";
+/// Response messages sent, by type, service and method.
+pub const MSG_SENT: &str = "grpc_server_msg_sent_total";
+/// PlaceOrders written together by one SQLite group commit.
+pub const BATCH_SIZE: &str = "orders_sqlite_batch_size";
+/// 1, labelled with the version that runs.
+pub const BUILD_INFO: &str = "orders_build_info";
 /// RPC latency by service and method.
 pub const HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
 /// Expired idempotency keys deleted.
@@ -59,15 +69,103 @@ fn handle() -> anyhow::Result<PrometheusHandle> {
         return Ok(handle.clone());
     }
     let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+    let batches = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(HANDLING_SECONDS.to_owned()),
             &buckets,
         )
         .context("configuring histogram buckets")?
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.to_owned()), &batches)
+        .context("configuring histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    describe();
+    // Every series of every known RPC exists from the start, at zero (as
+    // go-grpc-prometheus's InitializeMetrics does), so rate() sees the
+    // first call and dashboards computing started - handled work at once.
+    for rpc in 0..RPCS.len() {
+        Rpc(rpc).initialize();
+    }
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// `# HELP` for every metric.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(PLACE_OUTCOMES, "PlaceOrder calls by idempotency outcome.");
+    describe_counter!(STARTED, "RPCs started on the server.");
+    describe_counter!(HANDLED, "RPCs finished on the server, by the status code the caller got.");
+    describe_counter!(MSG_RECEIVED, "Request messages received by the server.");
+    describe_counter!(MSG_SENT, "Response messages sent by the server.");
+    describe_histogram!(HANDLING_SECONDS, metrics::Unit::Seconds, "Time from an RPC's start to its status.");
+    describe_counter!(KEYS_PURGED, "Expired idempotency keys deleted by the purge.");
+    describe_gauge!(POOL_CONNECTIONS, "Pooled database connections, by pool.");
+    describe_gauge!(POOL_IDLE, "Idle pooled database connections, by pool.");
+    describe_gauge!(SERVING, "1 while the database takes writes and the server is not draining, else 0.");
+    describe_counter!(CONNECTIONS_REFUSED, "Connections closed as soon as they were accepted, by reason.");
+    describe_counter!(CONNECTIONS_TIMED_OUT, "Connections closed by their deadline, by stage.");
+    describe_counter!(ACCEPT_ERRORS, "Accepts that failed (out of descriptors, ...).");
+    describe_counter!(TLS_HANDSHAKE_FAILURES, "TLS handshakes refused.");
+    describe_counter!(TLS_RELOAD_FAILURES, "Reloads of the TLS certificate, key or client CA that failed.");
+    describe_counter!(TOKEN_RELOAD_FAILURES, "Reloads of the auth tokens file that found problems.");
+    describe_histogram!(BATCH_SIZE, "PlaceOrders written together by one SQLite group commit.");
+    describe_gauge!(BUILD_INFO, "1, labelled with the version that runs.");
+}
+
+/// The process's own metrics, in the Prometheus client libraries' names,
+/// read from /proc when scraped (Linux; elsewhere none).
+fn process_metrics() -> String {
+    let mut out = String::new();
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return out };
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    // Clock ticks and pages as Linux reports them (USER_HZ is 100, pages 4 KiB on every
+    // architecture this runs on).
+    let (ticks, page) = (100.0, 4096.0);
+    let mut put = |name: &str, kind: &str, help: &str, value: f64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    };
+    if let (Some(user), Some(system)) = (field(11), field(12)) {
+        put(
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent in seconds.",
+            (user + system) / ticks,
+        );
+    }
+    if let Some(rss) = field(21) {
+        put("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss * page);
+    }
+    if let Some(vsize) = field(20) {
+        put("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", vsize);
+    }
+    if let (Some(start), Ok(uptime), Ok(boot)) =
+        (field(19), std::fs::read_to_string("/proc/uptime"), std::fs::read_to_string("/proc/stat"))
+    {
+        let _ = uptime;
+        if let Some(btime) = boot.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()) {
+            put(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since the Unix epoch in seconds.",
+                btime + start / ticks,
+            );
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        put("process_open_fds", "gauge", "Number of open file descriptors.", fds.count() as f64);
+    }
+    let limit = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
+        let line = limits.lines().find(|line| line.starts_with("Max open files"))?;
+        line.split_whitespace().nth(3)?.parse::<f64>().ok()
+    });
+    if let Some(limit) = limit {
+        put("process_max_fds", "gauge", "Maximum number of open file descriptors.", limit);
+    }
+    out
 }
 
 /// Binds `addr` for the metrics endpoint (before anything serves, so a busy
@@ -93,7 +191,8 @@ where
             let handle = handle.clone();
             async move {
                 handle.run_upkeep();
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
+                let body = handle.render() + &process_metrics();
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),
     );
@@ -127,9 +226,9 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 #[derive(Debug, Clone)]
 pub struct RpcMetrics<S>(S);
 
-impl<S, B, R> tower::Service<http::Request<B>> for RpcMetrics<S>
+impl<S, R> tower::Service<http::Request<tonic::body::Body>> for RpcMetrics<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<R>>,
     S::Future: Send + 'static,
 {
     type Response = http::Response<MeteredBody<R>>;
@@ -140,9 +239,17 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let rpc = Rpc::of(request.uri().path());
+        rpc.series().started.increment(1);
         let started = Instant::now();
+        let request = request.map(|inner| {
+            tonic::body::Body::new(CountedBody {
+                inner,
+                messages: Messages::default(),
+                counter: rpc.series().received.clone(),
+            })
+        });
         let response = self.0.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -150,8 +257,82 @@ where
             if let Some(code) = grpc_status(response.headers()) {
                 metered.finish(code);
             }
-            Ok(response.map(|inner| MeteredBody { inner, metered }))
+            Ok(response.map(|inner| MeteredBody { inner, metered, sent: Messages::default() }))
         })
+    }
+}
+
+/// Counts the gRPC messages (a flag byte, a 4-byte length, the bytes) in a
+/// stream of body bytes, however they are split into frames.
+#[derive(Debug, Default)]
+struct Messages {
+    header: [u8; 5],
+    header_len: usize,
+    left: usize,
+}
+
+impl Messages {
+    /// How many messages end in `bytes`.
+    fn count(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut ended = 0;
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(bytes.len());
+                self.left -= n;
+                bytes = &bytes[n..];
+                if self.left == 0 {
+                    ended += 1;
+                }
+                continue;
+            }
+            let n = (5 - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+            self.header_len += n;
+            bytes = &bytes[n..];
+            if self.header_len == 5 {
+                self.header_len = 0;
+                let [_, a, b, c, d] = self.header;
+                self.left = u32::from_be_bytes([a, b, c, d]) as usize;
+                if self.left == 0 {
+                    ended += 1;
+                }
+            }
+        }
+        ended
+    }
+}
+
+/// A request body that counts the messages it carries.
+struct CountedBody {
+    inner: tonic::body::Body,
+    messages: Messages,
+    counter: metrics::Counter,
+}
+
+impl Body for CountedBody {
+    type Data = <tonic::body::Body as Body>::Data;
+    type Error = <tonic::body::Body as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.counter.increment(this.messages.count(data));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -160,9 +341,13 @@ where
 pub struct MeteredBody<B> {
     inner: B,
     metered: Metered,
+    sent: Messages,
 }
 
-impl<B: Body + Unpin> Body for MeteredBody<B> {
+impl<B: Body + Unpin> Body for MeteredBody<B>
+where
+    B::Data: prost::bytes::Buf,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -172,6 +357,12 @@ impl<B: Body + Unpin> Body for MeteredBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let sent = this.sent.count(prost::bytes::Buf::chunk(data));
+            this.metered.rpc.series().sent.increment(sent);
+        }
         if !this.metered.finished {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -251,8 +442,17 @@ struct RpcSeries {
     seconds: OnceLock<metrics::Histogram>,
 }
 
+/// The counters of one RPC that every call touches.
+struct CallSeries {
+    started: metrics::Counter,
+    received: metrics::Counter,
+    sent: metrics::Counter,
+}
+
 static SERIES: [RpcSeries; RPCS.len()] =
     [const { RpcSeries { handled: [const { OnceLock::new() }; 17], seconds: OnceLock::new() } }; RPCS.len()];
+
+static CALL_SERIES: [OnceLock<CallSeries>; RPCS.len()] = [const { OnceLock::new() }; RPCS.len()];
 
 /// An RPC: its index in [`RPCS`].
 #[derive(Debug, Clone, Copy)]
@@ -265,19 +465,49 @@ impl Rpc {
         Rpc(known.unwrap_or(RPCS.len() - 1))
     }
 
-    fn record(self, code: Code, elapsed: std::time::Duration) {
+    fn series(self) -> &'static CallSeries {
+        CALL_SERIES[self.0].get_or_init(|| {
+            let (kind, service, method) = RPCS[self.0];
+            let labels = [("grpc_type", kind), ("grpc_service", service), ("grpc_method", method)];
+            CallSeries {
+                started: metrics::counter!(STARTED, &labels),
+                received: metrics::counter!(MSG_RECEIVED, &labels),
+                sent: metrics::counter!(MSG_SENT, &labels),
+            }
+        })
+    }
+
+    fn handled(self, code: Code) -> &'static metrics::Counter {
         let (kind, service, method) = RPCS[self.0];
-        let series = &SERIES[self.0];
-        let handled = series.handled[code as usize].get_or_init(|| {
+        SERIES[self.0].handled[code as usize].get_or_init(|| {
             metrics::counter!(HANDLED, "grpc_type" => kind, "grpc_service" => service,
                 "grpc_method" => method, "grpc_code" => order_client::code_name(code))
-        });
-        handled.increment(1);
-        let seconds = series.seconds.get_or_init(|| {
+        })
+    }
+
+    fn seconds(self) -> &'static metrics::Histogram {
+        let (kind, service, method) = RPCS[self.0];
+        SERIES[self.0].seconds.get_or_init(|| {
             metrics::histogram!(HANDLING_SECONDS, "grpc_type" => kind, "grpc_service" => service,
                 "grpc_method" => method)
-        });
-        seconds.record(elapsed.as_secs_f64());
+        })
+    }
+
+    /// Every series of this RPC, at zero.
+    fn initialize(self) {
+        let series = self.series();
+        for counter in [&series.started, &series.received, &series.sent] {
+            counter.increment(0);
+        }
+        for code in 0..17 {
+            self.handled(Code::from_i32(code)).increment(0);
+        }
+        let _ = self.seconds();
+    }
+
+    fn record(self, code: Code, elapsed: std::time::Duration) {
+        self.handled(code).increment(1);
+        self.seconds().record(elapsed.as_secs_f64());
     }
 }
 
@@ -324,6 +554,11 @@ pub fn record_purged(keys: u64) {
 /// Sets the health gauge.
 pub fn set_serving(serving: bool) {
     metrics::gauge!(SERVING).set(if serving { 1.0 } else { 0.0 });
+}
+
+/// Records the size of one SQLite group commit.
+pub fn record_batch(size: usize) {
+    metrics::histogram!(BATCH_SIZE).record(size as f64);
 }
 
 /// Sets the pool gauges of one pool.

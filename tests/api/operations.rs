@@ -179,3 +179,69 @@ async fn every_log_line_is_json_with_the_rpc_fields_and_no_secret() {
     assert_eq!(span["account_id"], "checkout");
     assert_eq!(span["code"], "OK");
 }
+
+/// The metrics are complete to the grpc-ecosystem conventions: every series
+/// of every known method exists at zero before the first call; every
+/// metric has `# HELP` and `# TYPE`; process and build metrics are there;
+/// after a burst, started and handled calls and messages agree; and
+/// `promtool check metrics` passes (scripts/test installs promtool).
+#[tokio::test]
+async fn metrics_start_at_zero_agree_after_a_burst_and_pass_promtool() {
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("orders.db").display());
+    let server = ServerProcess::start(&["--database-url", &url]).await;
+    let metrics_addr = server.metrics_addr.clone().expect("the metrics endpoint is on");
+    let labels = r#"grpc_type="unary",grpc_service="orders.v1.OrderService",grpc_method="PlaceOrder""#;
+    let series = |name: &str| format!("{name}{{{labels}}}");
+    let ok = format!(r#"grpc_server_handled_total{{{labels},grpc_code="OK"}}"#);
+
+    let before = scrape(&metrics_addr).await;
+    let samples = parse_prometheus(&before);
+    for name in ["grpc_server_started_total", "grpc_server_msg_received_total", "grpc_server_msg_sent_total"]
+    {
+        assert_eq!(samples.get(&series(name)), Some(&0.0), "{name} at zero before the first call:\n{before}");
+    }
+    assert_eq!(samples.get(&ok), Some(&0.0), "handled at zero before the first call");
+    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
+        assert!(samples.contains_key(name), "{name}");
+    }
+    let build = format!(r#"orders_build_info{{version="{}"}}"#, env!("CARGO_PKG_VERSION"));
+    assert_eq!(samples.get(&build), Some(&1.0), "build info");
+    let families: std::collections::BTreeSet<&str> = before
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    for family in &families {
+        assert!(before.contains(&format!("# HELP {family} ")), "no # HELP for {family}");
+    }
+
+    let mut client = OrderServiceClient::new(channel(server.addr).await);
+    for _ in 0..20 {
+        client.place_order(limit_order(&new_key())).await.unwrap();
+    }
+    let after = parse_prometheus(&scrape(&metrics_addr).await);
+    let handled: f64 = after
+        .iter()
+        .filter(|(name, _)| name.starts_with("grpc_server_handled_total{") && name.contains(labels))
+        .map(|(_, value)| value)
+        .sum();
+    let started = after[&series("grpc_server_started_total")];
+    assert_eq!((started, handled), (20.0, 20.0), "started and handled agree");
+    assert_eq!(after[&series("grpc_server_msg_received_total")], 20.0, "one request message a call");
+    assert_eq!(after[&series("grpc_server_msg_sent_total")], 20.0, "one response message a call");
+    assert!(after.keys().any(|name| name.starts_with("orders_sqlite_batch_size_count")), "batch sizes");
+
+    let body = scrape(&metrics_addr).await;
+    let mut promtool = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+    promtool.stdin.take().unwrap().write_all(body.as_bytes()).await.unwrap();
+    let out = promtool.wait_with_output().await.unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics:\n{said}");
+}

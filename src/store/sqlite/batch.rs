@@ -302,6 +302,7 @@ pub(super) async fn batch_writer(
         if jobs.is_empty() {
             continue;
         }
+        crate::telemetry::metrics::record_batch(jobs.len());
         let results = run_batch(&writer, clock.as_ref(), jobs).await;
         for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have given up (deadline): its order still stands.
