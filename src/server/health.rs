@@ -1,10 +1,22 @@
-//! Health as callers see it: the names a probe asks for, and the task that
-//! follows the database (SERVING while it answers and takes writes).
+//! Health as callers see it: the `grpc.health.v1` service, the names a
+//! probe asks for, and the task that follows the database (SERVING while it
+//! answers and takes writes).
+//!
+//! The service is this module's own rather than tonic-health's, to follow
+//! the health checking spec on a Watch of a service the server does not
+//! know: it answers `SERVICE_UNKNOWN` and keeps the stream open (tonic-health
+//! fails the call with `NOT_FOUND`, which a client-side health checker reads
+//! as the server being unhealthy). A Check of an unknown service is
+//! `NOT_FOUND`, as the spec says.
 
-use std::time::Duration;
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
-use tokio::sync::watch;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus, health_server,
+};
 
 use crate::{store::Store, telemetry::metrics};
 
@@ -15,11 +27,94 @@ pub const SERVICE_NAME: &str = "orders.v1.OrderService";
 /// every replica during a database outage.
 pub const LIVENESS_NAME: &str = "liveness";
 
+/// The statuses of the services the server knows ("" is the server as a
+/// whole), and whether the server has stopped answering Watches.
+#[derive(Debug, Clone)]
+pub(super) struct Health {
+    statuses: Arc<HashMap<&'static str, watch::Sender<ServingStatus>>>,
+    closed: watch::Sender<bool>,
+}
+
+impl Health {
+    /// Every known service SERVING.
+    pub(super) fn new() -> Self {
+        let statuses = ["", SERVICE_NAME, LIVENESS_NAME]
+            .into_iter()
+            .map(|name| (name, watch::Sender::new(ServingStatus::Serving)))
+            .collect();
+        Self { statuses: Arc::new(statuses), closed: watch::Sender::new(false) }
+    }
+
+    fn set(&self, service: &str, status: ServingStatus) {
+        if let Some(sender) = self.statuses.get(service) {
+            sender.send_replace(status);
+        }
+    }
+
+    /// Ends every Watch stream (when draining: they would hold it open).
+    pub(super) fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// The gRPC service.
+    pub(super) fn service(&self) -> health_server::HealthServer<Health> {
+        health_server::HealthServer::new(self.clone())
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl health_server::Health for Health {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        match self.statuses.get(request.get_ref().service.as_str()) {
+            Some(status) => Ok(Response::new(HealthCheckResponse { status: *status.borrow() as i32 })),
+            None => Err(Status::not_found("unknown service")),
+        }
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<HealthCheckRequest>) -> Result<Response<WatchStream>, Status> {
+        let mut statuses =
+            self.statuses.get(request.get_ref().service.as_str()).map(watch::Sender::subscribe);
+        let mut closed = self.closed.subscribe();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let status = match &mut statuses {
+                    Some(statuses) => *statuses.borrow_and_update(),
+                    None => ServingStatus::ServiceUnknown,
+                };
+                if tx.send(Ok(HealthCheckResponse { status: status as i32 })).await.is_err() {
+                    return; // the caller went away
+                }
+                let changed = async {
+                    match &mut statuses {
+                        Some(statuses) => statuses.changed().await.is_ok(),
+                        // An unknown service stays unknown: the stream stays open.
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    changed = changed => if !changed { return },
+                    _ = closed.wait_for(|closed| *closed) => return,
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
 /// Sets the overall and the order service's health, and the health gauge.
-pub(super) async fn set_health(health: &HealthReporter, serving: bool) {
+pub(super) fn set_health(health: &Health, serving: bool) {
     let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
     for service in ["", SERVICE_NAME] {
-        health.set_service_status(service, status).await;
+        health.set(service, status);
     }
     metrics::set_serving(serving);
 }
@@ -29,7 +124,7 @@ pub(super) async fn set_health(health: &HealthReporter, serving: bool) {
 /// and SERVING when it passes again. Also samples the pool gauges.
 pub(super) async fn follow_database(
     store: Store,
-    health: HealthReporter,
+    health: Health,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -61,7 +156,7 @@ pub(super) async fn follow_database(
                 };
                 tracing::warn!(%error, "the database fails its health probe: NOT_SERVING");
             }
-            set_health(&health, ok).await;
+            set_health(&health, ok);
         }
     }
 }

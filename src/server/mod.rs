@@ -28,10 +28,9 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::ServingStatus;
 
 use self::{
-    health::{follow_database, set_health},
+    health::{Health, follow_database, set_health},
     signals::Hangups,
     tokens::reload_on_sighup,
 };
@@ -216,14 +215,14 @@ impl Application {
             self;
         let addr = listener.local_addr().context("reading the bound address")?;
 
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let health = Health::new();
+        let health_service = health.service();
         // Health and reflection answer callers nobody has authenticated:
         // their requests are a service name or a symbol, so a message over
         // OPEN_SERVICE_MAX_MESSAGE is refused from its length prefix instead
         // of being buffered (tonic's default is 4 MiB a stream).
         let health_service = health_service.max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE);
-        health.set_service_status(LIVENESS_NAME, ServingStatus::Serving).await;
-        set_health(&health, true).await;
+        set_health(&health, true);
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -343,7 +342,7 @@ impl Application {
             () = shutdown => None,
         };
         let _ = background_tx.send(true);
-        set_health(&health, false).await;
+        set_health(&health, false);
         if outcome.is_none() {
             // Drain the Kubernetes way: report NOT_SERVING at once, keep
             // serving while endpoints are removed, then stop accepting and let
@@ -358,10 +357,7 @@ impl Application {
             tracing::info!("shutting down: refusing new calls, finishing in-flight ones");
             // Ends every health Watch stream, which would otherwise hold the
             // drain open for the whole grace period.
-            let mut health = health.clone();
-            for service in ["", SERVICE_NAME, LIVENESS_NAME] {
-                health.clear_service_status(service).await;
-            }
+            health.close();
         }
         let _ = servers_tx.send(true);
         let result = match outcome {

@@ -68,8 +68,23 @@ async fn health_is_serving_for_the_server_and_the_order_service(engine: Engine) 
     assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
 }
 
+/// A Watch of a service the server does not know answers SERVICE_UNKNOWN
+/// and keeps the stream open, as the health checking spec says (it failed
+/// with NOT_FOUND, which client-side health checking reads as unhealthy).
+async fn watching_an_unknown_service_answers_service_unknown_and_stays_open(engine: Engine) {
+    let app = spawn_app(engine).await;
+    let mut health = HealthClient::new(channel(app.addr).await);
+    let request = HealthCheckRequest { service: "nope.v1.Nope".to_owned() };
+    let mut stream = health.watch(request).await.expect("the stream opens").into_inner();
+    let first = stream.message().await.expect("a message").expect("the stream goes on");
+    assert_eq!(first.status(), ServingStatus::ServiceUnknown);
+    let next = tokio::time::timeout(std::time::Duration::from_millis(300), stream.message()).await;
+    assert!(next.is_err(), "the stream stays open and quiet: {next:?}");
+}
+
 engine_tests!(
     reflection_v1_lists_the_services,
     reflection_v1alpha_lists_the_services_and_describes_error_details,
     health_is_serving_for_the_server_and_the_order_service,
+    watching_an_unknown_service_answers_service_unknown_and_stays_open,
 );
