@@ -53,12 +53,8 @@ async fn main() -> ExitCode {
     }
     if let Some(Command::BenchStore(bench)) = &config.command {
         return match order_service::bench::run(bench).await {
-            Ok(report) if bench.json => {
-                println!("{}", report.to_json());
-                ExitCode::SUCCESS
-            }
             Ok(report) => {
-                println!("{report}");
+                report.print(bench.json);
                 ExitCode::SUCCESS
             }
             Err(error) => {

@@ -93,6 +93,17 @@ impl BenchReport {
     }
 }
 
+impl BenchReport {
+    /// Prints the report to stdout: one JSON object, or one line of text.
+    pub fn print(&self, json: bool) {
+        if json {
+            println!("{}", self.to_json());
+        } else {
+            println!("{self}");
+        }
+    }
+}
+
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

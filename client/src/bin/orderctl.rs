@@ -450,12 +450,8 @@ async fn run_bench(c: &Connection, b: &Bench) -> ExitCode {
         duration: b.duration,
     };
     match bench::run(config).await {
-        Ok(report) if c.json => {
-            println!("{}", report.to_json());
-            ExitCode::SUCCESS
-        }
         Ok(report) => {
-            println!("{report}");
+            report.print(c.json);
             ExitCode::SUCCESS
         }
         Err(error) => {
