@@ -63,7 +63,13 @@ async fn main() -> ExitCode {
             }
         };
     }
-    telemetry::init(config.log_format);
+    let tracing = match telemetry::init(config.log_format) {
+        Ok(tracing) => tracing,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
     let result = async {
         // Caught from here on: a signal during start-up stops the process
         // cleanly instead of killing it, and a second one is never missed.
@@ -87,6 +93,12 @@ async fn main() -> ExitCode {
         .await
     }
     .await;
+    if let Some(tracing) = tracing {
+        // What the calls of the last seconds traced, within the grace the
+        // collector gets (an unreachable one costs at most this at exit).
+        let _ =
+            tokio::task::spawn_blocking(move || tracing.shutdown(std::time::Duration::from_secs(5))).await;
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -31,9 +31,11 @@
 pub mod bench;
 pub mod proto;
 mod retry;
+mod trace;
 
 pub use retry::*;
 use tonic::Code;
+pub use trace::TraceParent;
 
 /// The `ErrorInfo.domain` of every error the service reports.
 pub const ERROR_DOMAIN: &str = "orders.v1";

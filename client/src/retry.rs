@@ -29,6 +29,7 @@ use tonic::{
 };
 use tonic_types::StatusExt;
 
+use crate::TraceParent;
 use crate::proto::{
     CancelOrderRequest, GetOrderRequest, ListOrdersRequest, ListOrdersResponse, Order, PlaceOrderRequest,
     PlaceOrderResponse, order_service_client::OrderServiceClient,
@@ -143,12 +144,28 @@ pub struct ClientConfig {
     pub tls: Option<ClientTls>,
     /// Retries.
     pub retry: RetryPolicy,
+    /// The trace every call continues (`orderctl` reads `TRACEPARENT`).
+    /// Without it, a call continues the calling code's current
+    /// OpenTelemetry span, if there is one.
+    pub trace_parent: Option<TraceParent>,
+    /// Whether a call that has no trace to continue starts one of its own
+    /// (sampled), so the server's spans of all its attempts share one
+    /// trace. On by default; a busy caller that leaves sampling to the
+    /// server (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`) turns it off.
+    pub start_traces: bool,
 }
 
 impl ClientConfig {
-    /// Plain text to `endpoint`, no token, default retries.
+    /// Plain text to `endpoint`, no token, default retries, traces started.
     pub fn new(endpoint: impl Into<String>) -> Self {
-        Self { endpoint: endpoint.into(), token: None, tls: None, retry: RetryPolicy::default() }
+        Self {
+            endpoint: endpoint.into(),
+            token: None,
+            tls: None,
+            retry: RetryPolicy::default(),
+            trace_parent: None,
+            start_traces: true,
+        }
     }
 
     /// The endpoint these settings describe, for any gRPC client.
@@ -184,6 +201,8 @@ pub struct Answer<T> {
     pub attempts: u32,
     /// The idempotency key used (PlaceOrder only).
     pub client_request_id: Option<String>,
+    /// The trace the call's attempts were sent in, if any.
+    pub trace_id: Option<String>,
 }
 
 /// A call that failed for good.
@@ -199,6 +218,8 @@ pub struct CallError {
     /// [`may_have_written`]), so it may exist; retrying with
     /// `client_request_id` tells (it replays the order, or places it once).
     pub outcome_unknown: bool,
+    /// The trace the call's attempts were sent in, if any.
+    pub trace_id: Option<String>,
 }
 
 impl CallError {
@@ -223,6 +244,8 @@ pub struct OrderClient {
     inner: OrderServiceClient<Channel>,
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
     retry: RetryPolicy,
+    trace_parent: Option<TraceParent>,
+    start_traces: bool,
 }
 
 fn config_error(message: impl fmt::Display) -> CallError {
@@ -231,6 +254,7 @@ fn config_error(message: impl fmt::Display) -> CallError {
         attempts: 0,
         client_request_id: None,
         outcome_unknown: false,
+        trace_id: None,
     }
 }
 
@@ -247,7 +271,25 @@ impl OrderClient {
             ),
             None => None,
         };
-        Ok(Self { inner: OrderServiceClient::new(endpoint.connect_lazy()), token, retry: config.retry })
+        Ok(Self {
+            inner: OrderServiceClient::new(endpoint.connect_lazy()),
+            token,
+            retry: config.retry,
+            trace_parent: config.trace_parent,
+            start_traces: config.start_traces,
+        })
+    }
+
+    /// The trace context one call's attempts carry: the configured one, the
+    /// calling code's current span, or a trace of the call's own.
+    fn trace_context(&self) -> Option<(TraceParent, MetadataValue<tonic::metadata::Ascii>)> {
+        let parent = self
+            .trace_parent
+            .clone()
+            .or_else(TraceParent::current)
+            .or_else(|| self.start_traces.then(|| TraceParent::start(true)))?;
+        let header = parent.to_string().parse().ok()?;
+        Some((parent, header))
     }
 
     /// Runs `call` with retries; `message` is sent unchanged on every attempt.
@@ -264,6 +306,9 @@ impl OrderClient {
         let started = Instant::now();
         let mut attempt = 0;
         let mut outcome_unknown = false;
+        let trace = self.trace_context();
+        let trace_state = trace.as_ref().and_then(|(parent, _)| parent.state.as_deref()?.parse().ok());
+        let trace_id = trace.as_ref().map(|(parent, _)| parent.trace_id_hex());
         loop {
             attempt += 1;
             let remaining = self.retry.total_timeout.saturating_sub(started.elapsed());
@@ -272,6 +317,12 @@ impl OrderClient {
             request.set_timeout(timeout);
             if let Some(token) = &self.token {
                 request.metadata_mut().insert("authorization", token.clone());
+            }
+            if let Some((_, traceparent)) = &trace {
+                request.metadata_mut().insert("traceparent", traceparent.clone());
+                if let Some(state) = &trace_state {
+                    request.metadata_mut().insert("tracestate", MetadataValue::clone(state));
+                }
             }
             let answer = tokio::time::timeout(timeout, call(self.inner.clone(), request)).await;
             if let Ok(Err(status)) = &answer {
@@ -283,6 +334,7 @@ impl OrderClient {
                         value: response.into_inner(),
                         attempts: attempt,
                         client_request_id: key,
+                        trace_id,
                     });
                 }
                 Ok(Err(status)) if broke_in_transport(&status) => {
@@ -297,7 +349,13 @@ impl OrderClient {
             let delay = self.retry.delay(attempt, &status, random_unit());
             let out_of_time = started.elapsed() + delay >= self.retry.total_timeout;
             if !RetryPolicy::may_retry(&status) || attempt >= self.retry.max_attempts || out_of_time {
-                return Err(CallError { status, attempts: attempt, client_request_id: key, outcome_unknown });
+                return Err(CallError {
+                    status,
+                    attempts: attempt,
+                    client_request_id: key,
+                    outcome_unknown,
+                    trace_id,
+                });
             }
             if let Some(on_retry) = &self.retry.on_retry {
                 on_retry(attempt, &status);

@@ -1,8 +1,10 @@
 //! The gRPC layer: turns requests into validated domain values, calls the
 //! store, and turns the result back into protobuf. It never sees SQL.
 //!
-//! Each RPC runs in a span carrying `account_id`, `client_request_id`,
-//! `order_id`, the `outcome` and the status `code`, and ends with one event.
+//! Each RPC runs in its server span (made by the RPC middleware, see
+//! `telemetry::traces`), on which the handler records `account_id`,
+//! `client_request_id`, `order_id`, the `outcome` and the status `code`;
+//! it ends with one event. The store's work runs in a database span.
 
 mod auth;
 mod convert;
@@ -21,14 +23,14 @@ use tokio::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, metadata::MetadataValue};
-use tracing::{Span, field};
+use tracing::{Instrument as _, Span, field};
 
 use crate::{
     domain::{AccountId, NewOrder, Order, OrderId},
     error::Error,
     proto::{self, order_service_server::OrderService},
     store::Store,
-    telemetry::metrics,
+    telemetry::{metrics, traces},
 };
 
 /// The response header set on a replayed `PlaceOrder`.
@@ -78,6 +80,12 @@ impl OrderApi {
     pub fn new(store: Store, auth: Arc<Authenticator>, settings: ApiSettings) -> Self {
         let in_flight = Arc::new(Semaphore::new(settings.max_concurrent_requests as usize));
         Self { store, auth, settings, in_flight }
+    }
+
+    /// The span of one store call, the child of the call's server span
+    /// (none with traces off).
+    fn db_span(&self, operation: &'static str) -> Span {
+        traces::db_span(operation, self.store.system())
     }
 
     /// Who is calling (recorded on the call's span), and a place among the
@@ -174,11 +182,6 @@ pub(crate) fn loggable(s: &str) -> &str {
 
 #[tonic::async_trait]
 impl OrderService for OrderApi {
-    #[tracing::instrument(
-        name = "PlaceOrder",
-        skip_all,
-        fields(method = "PlaceOrder", account_id, client_request_id, order_id, outcome, code, latency_ms)
-    )]
     async fn place_order(
         &self,
         request: Request<proto::PlaceOrderRequest>,
@@ -197,6 +200,7 @@ impl OrderService for OrderApi {
             let placed = self
                 .store
                 .place_order(&account, new, self.settings.idempotency_ttl, lock_wait, Some(deadline))
+                .instrument(self.db_span("place_order"))
                 .await?;
             span.record("order_id", field::display(placed.0.order_id));
             Ok(placed)
@@ -214,11 +218,6 @@ impl OrderService for OrderApi {
         Ok(response)
     }
 
-    #[tracing::instrument(
-        name = "GetOrder",
-        skip_all,
-        fields(method = "GetOrder", account_id, client_request_id, order_id, outcome, code, latency_ms)
-    )]
     async fn get_order(
         &self,
         request: Request<proto::GetOrderRequest>,
@@ -230,11 +229,11 @@ impl OrderService for OrderApi {
             let order: Order = match GetOrderBy::try_from(request.into_inner())? {
                 GetOrderBy::OrderId(id) => {
                     span.record("order_id", field::display(id));
-                    self.store.get_order(&account, id).await?
+                    self.store.get_order(&account, id).instrument(self.db_span("get_order")).await?
                 }
                 GetOrderBy::ClientRequestId(key) => {
                     span.record("client_request_id", field::display(key));
-                    self.store.get_order_by_key(&account, key).await?
+                    self.store.get_order_by_key(&account, key).instrument(self.db_span("get_order")).await?
                 }
             };
             span.record("order_id", field::display(order.order_id));
@@ -245,11 +244,6 @@ impl OrderService for OrderApi {
         Ok(Response::new(order.into()))
     }
 
-    #[tracing::instrument(
-        name = "ListOrders",
-        skip_all,
-        fields(method = "ListOrders", account_id, listed, outcome, code, latency_ms)
-    )]
     async fn list_orders(
         &self,
         request: Request<proto::ListOrdersRequest>,
@@ -267,8 +261,11 @@ impl OrderService for OrderApi {
                 ),
             };
             // One more than asked tells whether another page follows.
-            let mut orders =
-                self.store.list_orders(&account, &query.filter, after, query.page_size + 1).await?;
+            let mut orders = self
+                .store
+                .list_orders(&account, &query.filter, after, query.page_size + 1)
+                .instrument(self.db_span("list_orders"))
+                .await?;
             let next_page_token = if orders.len() > query.page_size as usize {
                 orders.truncate(query.page_size as usize);
                 orders.last().map(|last| page_token::encode(&account, &query.filter, last.cursor()))
@@ -285,11 +282,6 @@ impl OrderService for OrderApi {
         Ok(Response::new(finish("ListOrders", started, result, |_| "listed")?))
     }
 
-    #[tracing::instrument(
-        name = "CancelOrder",
-        skip_all,
-        fields(method = "CancelOrder", account_id, order_id, outcome, code, latency_ms)
-    )]
     async fn cancel_order(
         &self,
         request: Request<proto::CancelOrderRequest>,
@@ -300,7 +292,7 @@ impl OrderService for OrderApi {
             let (account, _permit) = self.admit(&request)?;
             let id = OrderId::try_from(request.into_inner())?;
             span.record("order_id", field::display(id));
-            self.store.cancel_order(&account, id).await
+            self.store.cancel_order(&account, id).instrument(self.db_span("cancel_order")).await
         }
         .await;
         let (order, _) =

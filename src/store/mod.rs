@@ -22,6 +22,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use rust_decimal::Decimal;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -153,9 +154,13 @@ impl Store {
         // it. The caller gives up by `attempt`, which the task heeds before
         // sending its write.
         let (store, account, task_attempt) = (self.clone(), account.clone(), attempt.clone());
-        let mut placing = tokio::spawn(async move {
-            dispatch!(&store, s => s.place_order(&account, order, ttl, lock_wait, &task_attempt).await)
-        });
+        let mut placing = tokio::spawn(
+            async move {
+                dispatch!(&store, s => s.place_order(&account, order, ttl, lock_wait, &task_attempt).await)
+            }
+            // The caller's span (its database span when traced) goes along.
+            .instrument(tracing::Span::current()),
+        );
         let finished = match deadline {
             None => (&mut placing).await,
             Some(deadline) => match tokio::time::timeout_at(deadline, &mut placing).await {
@@ -217,6 +222,14 @@ impl Store {
     /// (SQLite: one row rewritten; Postgres: not a standby, not read-only).
     pub async fn ping(&self) -> Result<(), Error> {
         dispatch!(self, s => s.ping().await)
+    }
+
+    /// The engine, as OpenTelemetry's `db.system.name` spells it.
+    pub fn system(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgresql",
+        }
     }
 
     /// Each pool's name, size and idle connections, for metrics.

@@ -18,6 +18,9 @@ use http_body::{Body, Frame, SizeHint};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tonic::{Code, codegen::http};
+use tracing::Instrument as _;
+
+use super::traces;
 
 /// PlaceOrder outcomes: created, replayed, key_reused, key_in_use,
 /// expired_reuse, invalid, unavailable, deadline_exceeded (nothing written),
@@ -59,6 +62,10 @@ pub const TLS_HANDSHAKE_FAILURES: &str = "orders_tls_handshake_failures_total";
 pub const TLS_RELOAD_FAILURES: &str = "orders_tls_reload_failures_total";
 /// Reloads of the auth tokens file that found bad lines or no readable file.
 pub const TOKEN_RELOAD_FAILURES: &str = "orders_auth_token_reload_failures_total";
+/// Trace spans sent to the OTLP collector.
+pub const SPANS_EXPORTED: &str = "orders_trace_spans_exported_total";
+/// Trace spans dropped, by reason (`queue_full`, `export_failed`).
+pub const SPANS_DROPPED: &str = "orders_trace_spans_dropped_total";
 
 /// The process-wide recorder (metrics are global in the `metrics` crate).
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -88,6 +95,10 @@ fn handle() -> anyhow::Result<PrometheusHandle> {
         Rpc(rpc).initialize();
     }
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::counter!(SPANS_EXPORTED).increment(0);
+    for reason in ["queue_full", "export_failed"] {
+        metrics::counter!(SPANS_DROPPED, "reason" => reason).increment(0);
+    }
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -112,6 +123,11 @@ fn describe() {
     describe_counter!(TOKEN_RELOAD_FAILURES, "Reloads of the auth tokens file that found problems.");
     describe_histogram!(BATCH_SIZE, "PlaceOrders written together by one SQLite group commit.");
     describe_gauge!(BUILD_INFO, "1, labelled with the version that runs.");
+    describe_counter!(SPANS_EXPORTED, "Trace spans sent to the OTLP collector.");
+    describe_counter!(
+        SPANS_DROPPED,
+        "Trace spans dropped: the export queue was full, or their export failed."
+    );
 }
 
 /// The process's own metrics, in the Prometheus client libraries' names,
@@ -216,8 +232,9 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
     }
 }
 
-/// Counts every RPC the server finishes in `grpc_server_handled_total` and
-/// times it in `grpc_server_handling_seconds`: every service (orders,
+/// Counts every RPC the server finishes in `grpc_server_handled_total`,
+/// times it in `grpc_server_handling_seconds`, and runs it in its server
+/// span ([`traces::server_span`]), which ends with the status: every service (orders,
 /// health, reflection), and calls refused before any handler runs (a
 /// message that does not decode, an unknown method). The code is the one
 /// the caller sees: from the headers of a trailers-only answer, else from
@@ -241,6 +258,8 @@ where
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let rpc = Rpc::of(request.uri().path());
+        let (_, service, method) = RPCS[rpc.0];
+        let span = traces::server_span(service, method, request.headers());
         rpc.series().started.increment(1);
         let started = Instant::now();
         let request = request.map(|inner| {
@@ -250,15 +269,19 @@ where
                 counter: rpc.series().received.clone(),
             })
         });
-        let response = self.0.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            let mut metered = Metered { rpc, started, finished: false };
-            if let Some(code) = grpc_status(response.headers()) {
-                metered.finish(code);
+        let response = span.in_scope(|| self.0.call(request));
+        let call_span = span.clone();
+        Box::pin(
+            async move {
+                let response = response.await?;
+                let mut metered = Metered { rpc, started, finished: false, span: Some(span) };
+                if let Some(code) = grpc_status(response.headers()) {
+                    metered.finish(code);
+                }
+                Ok(response.map(|inner| MeteredBody { inner, metered, sent: Messages::default() }))
             }
-            Ok(response.map(|inner| MeteredBody { inner, metered, sent: Messages::default() }))
-        })
+            .instrument(call_span),
+        )
     }
 }
 
@@ -387,18 +410,22 @@ where
     }
 }
 
-/// One RPC in flight, recorded once.
+/// One RPC in flight, recorded once; its span ends with it.
 #[derive(Debug)]
 struct Metered {
     rpc: Rpc,
     started: Instant,
     finished: bool,
+    span: Option<tracing::Span>,
 }
 
 impl Metered {
     fn finish(&mut self, code: Code) {
         self.finished = true;
         self.rpc.record(code, self.started.elapsed());
+        if let Some(span) = self.span.take() {
+            traces::record_status(&span, code);
+        }
     }
 }
 
@@ -554,6 +581,16 @@ pub fn record_purged(keys: u64) {
 /// Sets the health gauge.
 pub fn set_serving(serving: bool) {
     metrics::gauge!(SERVING).set(if serving { 1.0 } else { 0.0 });
+}
+
+/// Counts trace spans the collector took.
+pub fn record_spans_exported(n: u64) {
+    metrics::counter!(SPANS_EXPORTED).increment(n);
+}
+
+/// Counts trace spans dropped for `reason`.
+pub fn record_spans_dropped(reason: &'static str, n: u64) {
+    metrics::counter!(SPANS_DROPPED, "reason" => reason).increment(n);
 }
 
 /// Records the size of one SQLite group commit.

@@ -22,4 +22,5 @@ mod races;
 mod security;
 mod shutdown;
 mod soak;
+mod traces;
 mod validation;

@@ -172,10 +172,12 @@ async fn every_log_line_is_json_with_the_rpc_fields_and_no_secret() {
         .find(|e| e["message"] == "finished" && e["span"]["outcome"] == "created")
         .expect("a finished PlaceOrder line");
     let span = &placed["span"];
-    for field in ["method", "account_id", "client_request_id", "order_id", "outcome", "code", "latency_ms"] {
+    for field in
+        ["rpc.method", "account_id", "client_request_id", "order_id", "outcome", "code", "latency_ms"]
+    {
         assert!(span.get(field).is_some(), "no {field} in {placed}");
     }
-    assert_eq!(span["method"], "PlaceOrder");
+    assert_eq!(span["rpc.method"], "PlaceOrder");
     assert_eq!(span["account_id"], "checkout");
     assert_eq!(span["code"], "OK");
 }

@@ -12,7 +12,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use order_client::{
-    Answer, CallError, ClientConfig, ClientTls, OrderClient, RetryPolicy, bench,
+    Answer, CallError, ClientConfig, ClientTls, OrderClient, RetryPolicy, TraceParent, bench,
     proto::{
         CancelOrderRequest, GetOrderRequest, ListOrdersRequest, Order, OrderStatus, OrderType,
         PlaceOrderRequest, Side, TimeInForce, get_order_request::Lookup,
@@ -58,6 +58,16 @@ struct Connection {
     /// Give up after this long, retries included.
     #[arg(long, global = true, default_value = "20s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// W3C traceparent of the trace to continue (00-TRACE_ID-SPAN_ID-FLAGS);
+    /// without it each command starts a sampled trace of its own. Its trace
+    /// id is printed with --json, and on failure.
+    #[arg(long, global = true, env = "TRACEPARENT", value_parser = parse_traceparent)]
+    traceparent: Option<TraceParent>,
+}
+
+fn parse_traceparent(value: &str) -> Result<TraceParent, String> {
+    TraceParent::parse(value)
+        .ok_or_else(|| "expected 00-<32 hex digits>-<16 hex digits>-<2 hex digits>".to_owned())
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,7 +210,14 @@ fn client_config(c: &Connection) -> Result<ClientConfig, String> {
         })),
         ..RetryPolicy::default()
     };
-    Ok(ClientConfig { endpoint: c.addr.clone(), token: c.token.clone(), tls, retry })
+    Ok(ClientConfig {
+        endpoint: c.addr.clone(),
+        token: c.token.clone(),
+        tls,
+        retry,
+        trace_parent: c.traceparent.clone(),
+        start_traces: true,
+    })
 }
 
 fn enum_name<E: std::fmt::Debug>(value: Result<E, prost::UnknownEnumValue>) -> String {
@@ -252,10 +269,14 @@ fn failed(error: &CallError, json: bool) -> ExitCode {
             "attempts": error.attempts,
             "client_request_id": error.client_request_id,
             "outcome_unknown": error.outcome_unknown,
+            "trace_id": error.trace_id,
         });
         println!("{out}");
     } else {
         eprintln!("error: {error}");
+        if let Some(trace_id) = &error.trace_id {
+            eprintln!("trace id: {trace_id}");
+        }
         if let Some(key) = &error.client_request_id {
             if error.outcome_unknown {
                 eprintln!(
@@ -278,6 +299,9 @@ fn print<T>(json: bool, answer: &Answer<T>, as_json: serde_json::Value, text: St
     if json {
         let mut out = as_json;
         out["attempts"] = answer.attempts.into();
+        if let Some(trace_id) = &answer.trace_id {
+            out["trace_id"] = trace_id.as_str().into();
+        }
         println!("{out}");
     } else {
         println!("{text}");
@@ -420,7 +444,14 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
             if name == "SERVING" { ExitCode::SUCCESS } else { ExitCode::from(3) }
         }
         Ok(Err(status)) => {
-            failed(&CallError { status, attempts: 1, client_request_id: None, outcome_unknown: false }, json)
+            let error = CallError {
+                status,
+                attempts: 1,
+                client_request_id: None,
+                outcome_unknown: false,
+                trace_id: None,
+            };
+            failed(&error, json)
         }
         Err(_) => failed(
             &CallError {
@@ -428,6 +459,7 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
                 attempts: 1,
                 client_request_id: None,
                 outcome_unknown: false,
+                trace_id: None,
             },
             json,
         ),

@@ -14,6 +14,7 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::Instant,
 };
+use tracing::Instrument as _;
 
 use super::{
     KeyId, db,
@@ -54,6 +55,9 @@ pub(super) struct Job {
     /// immediate`) only if its caller has not given up, and a caller that
     /// gives up first is never written.
     pub attempt: Arc<Attempt>,
+    /// The caller's span (its database span when traced), which the batch
+    /// it rides in links to.
+    pub span: tracing::Span,
 }
 
 pub(super) fn closed() -> Error {
@@ -303,7 +307,8 @@ pub(super) async fn batch_writer(
             continue;
         }
         crate::telemetry::metrics::record_batch(jobs.len());
-        let results = run_batch(&writer, clock.as_ref(), jobs).await;
+        let span = crate::telemetry::traces::batch_span(jobs.len(), jobs.iter().map(|job| &job.span));
+        let results = run_batch(&writer, clock.as_ref(), jobs).instrument(span).await;
         for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have given up (deadline): its order still stands.
             let _ = reply.send(result);

@@ -160,7 +160,14 @@ impl SqliteStore {
         }
         let key = new.client_request_id;
         let lock_deadline = Instant::now() + lock_wait;
-        let job = Job { account: account.clone(), new, ttl, lock_deadline, attempt: attempt.clone() };
+        let job = Job {
+            account: account.clone(),
+            new,
+            ttl,
+            lock_deadline,
+            attempt: attempt.clone(),
+            span: tracing::Span::current(),
+        };
         let Some(batcher) = &self.batcher else {
             let mut results = run_batch(&self.writer, self.clock.as_ref(), vec![job]).await;
             return results.pop().unwrap_or_else(|| Err(closed()));
@@ -339,7 +346,15 @@ mod tests {
             .map(|i| {
                 let key = ClientRequestId::parse(&format!("00000000-0000-4000-8000-{i:012}")).unwrap();
                 let attempt = Arc::default();
-                Job { account: account.clone(), new: order(key, "AAPL"), ttl: wait, lock_deadline, attempt }
+                let span = tracing::Span::none();
+                Job {
+                    account: account.clone(),
+                    new: order(key, "AAPL"),
+                    ttl: wait,
+                    lock_deadline,
+                    attempt,
+                    span,
+                }
             })
             .collect();
         let keys: Vec<KeyId> = jobs.iter().map(|job| key_id(&account, job.new.client_request_id)).collect();

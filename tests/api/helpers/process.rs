@@ -53,6 +53,14 @@ impl ServerProcess {
         Self::spawn(Command::new(BIN), listen, args).await
     }
 
+    /// As [`ServerProcess::start`], with the environment variables `env`
+    /// set (the OpenTelemetry settings, say).
+    pub async fn start_with_env(env: &[(&str, &str)], args: &[&str]) -> ServerProcess {
+        let mut command = Command::new(BIN);
+        command.envs(env.iter().copied());
+        Self::spawn(command, "127.0.0.1:0", args).await
+    }
+
     /// As [`ServerProcess::start`], with at most `nofile` open descriptors
     /// (`prlimit`, which then runs the server in its own place).
     pub async fn start_with_nofile(nofile: u64, args: &[&str]) -> ServerProcess {

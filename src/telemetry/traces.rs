@@ -1,0 +1,516 @@
+//! OpenTelemetry traces, exported over OTLP/gRPC and configured the
+//! standard way, by environment: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns them on; `OTEL_SERVICE_NAME`,
+//! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` (and `_ARG`),
+//! `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT`, and `OTEL_BSP_*` for the
+//! queue, are read as the OpenTelemetry SDKs read them. Without an endpoint
+//! (or with `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`) nothing
+//! is built: no layer, no spans beyond the ones the logs already had.
+//!
+//! Spans are `tracing` spans; `tracing-opentelemetry` turns them into
+//! OpenTelemetry ones:
+//! - the **server span** of every RPC (made by the RPC middleware, named
+//!   `service/method`, kind server, `rpc.system`, `rpc.service`,
+//!   `rpc.method`, `rpc.grpc.status_code`), a child of the caller's span
+//!   when the request carries a W3C `traceparent`;
+//! - a **database span** under it for the store's work ([`db_span`]);
+//! - on SQLite, the **group-commit batch** span, linked to the database span
+//!   of every call it wrote, each of which links back to it ([`batch_span`]).
+//!
+//! A collector that is down or slow never holds an RPC up: finished spans
+//! go into a bounded queue ([`QueueProcessor`]) that a thread of its own
+//! exports; a span that finds the queue full, or whose export fails, is
+//! dropped and counted in `orders_trace_spans_dropped_total{reason}`.
+
+use std::{
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc as std_mpsc,
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use opentelemetry::{
+    Context, KeyValue,
+    propagation::{Extractor, TextMapPropagator},
+    trace::{SpanContext, TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_sdk::{
+    Resource,
+    error::{OTelSdkError, OTelSdkResult},
+    propagation::TraceContextPropagator,
+    trace::{SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor},
+};
+use tokio::sync::mpsc;
+use tonic::codegen::http;
+use tracing::{Span, Subscriber, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::registry::LookupSpan;
+
+use super::metrics;
+
+/// Whether spans are exported (an endpoint is configured): read on the hot
+/// path, so the spans only traces need are not made otherwise.
+static ON: AtomicBool = AtomicBool::new(false);
+
+/// Whether traces are on.
+pub fn enabled() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+/// The tracer provider, kept to flush and shut down at exit.
+#[derive(Debug)]
+pub struct Tracing {
+    provider: SdkTracerProvider,
+}
+
+impl Tracing {
+    /// Exports what is queued (waiting at most `timeout` for the collector)
+    /// and stops the exporting thread. Blocks: call it off the runtime's
+    /// worker threads (`spawn_blocking`).
+    pub fn shutdown(&self, timeout: Duration) {
+        if let Err(error) = self.provider.shutdown_with_timeout(timeout) {
+            tracing::warn!(%error, "flushing the trace queue at exit");
+        }
+    }
+}
+
+/// The environment's trace settings, or `None` when traces are off.
+fn endpoint() -> Option<String> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    if var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none")) {
+        return None;
+    }
+    var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+}
+
+/// The queue's limits, from the `OTEL_BSP_*` variables (milliseconds and
+/// counts) with the specification's defaults.
+#[derive(Debug, Clone, Copy)]
+struct QueueSettings {
+    max_queue: usize,
+    max_batch: usize,
+    delay: Duration,
+    export_timeout: Duration,
+}
+
+impl QueueSettings {
+    fn from_env() -> anyhow::Result<Self> {
+        let number = |name: &str, default: u64| -> anyhow::Result<u64> {
+            match std::env::var(name) {
+                Ok(v) if !v.trim().is_empty() => v
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .with_context(|| format!("{name}={v:?}: expected a positive whole number")),
+                _ => Ok(default),
+            }
+        };
+        let max_queue = number("OTEL_BSP_MAX_QUEUE_SIZE", 2048)? as usize;
+        Ok(Self {
+            max_queue,
+            max_batch: (number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)? as usize).min(max_queue),
+            delay: Duration::from_millis(number("OTEL_BSP_SCHEDULE_DELAY", 5000)?),
+            export_timeout: Duration::from_millis(number("OTEL_BSP_EXPORT_TIMEOUT", 30_000)?),
+        })
+    }
+}
+
+/// Builds the exporter and the provider when an endpoint is configured.
+/// Errors are settings that cannot work (a protocol other than gRPC, a bad
+/// number), reported at start like any bad flag.
+pub(super) fn from_env() -> anyhow::Result<Option<Tracing>> {
+    let Some(endpoint) = endpoint() else { return Ok(None) };
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_default();
+    if !protocol.is_empty() && protocol != "grpc" {
+        anyhow::bail!("OTEL_EXPORTER_OTLP_PROTOCOL={protocol:?}: this service exports OTLP over gRPC only");
+    }
+    let settings = QueueSettings::from_env()?;
+    let processor =
+        QueueProcessor::start(settings).with_context(|| format!("the OTLP trace exporter for {endpoint}"))?;
+    let mut resource = Resource::builder();
+    // The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; without
+    // either naming the service it would be `unknown_service`.
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    if !named {
+        resource = resource.with_service_name("order-service");
+    }
+    let resource =
+        resource.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))).build();
+    // The sampler comes from OTEL_TRACES_SAMPLER (default: parentbased_always_on).
+    let provider =
+        SdkTracerProvider::builder().with_resource(resource).with_span_processor(processor).build();
+    ON.store(true, Ordering::Relaxed);
+    tracing::debug!(%endpoint, "exporting traces");
+    Ok(Some(Tracing { provider }))
+}
+
+/// The `tracing` layer that makes OpenTelemetry spans of `tracing` spans.
+pub(super) fn layer<S>(tracing: &Tracing) -> impl tracing_subscriber::Layer<S> + use<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracing.provider.tracer("order-service"))
+        // What these add (busy/idle time, thread, source location, an
+        // activated OpenTelemetry context on every poll) costs on every
+        // span and tells an operator little.
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_target(false)
+        .with_context_activation(false)
+}
+
+/// The full method names of the RPCs the metrics know (same order as
+/// their label triples), for span names.
+pub(super) fn span_name(service: &'static str, method: &'static str) -> String {
+    if service == "unknown" { "unknown".to_owned() } else { format!("{service}/{method}") }
+}
+
+/// The server span of one RPC: named and attributed per the OpenTelemetry
+/// RPC conventions, the parent of every span and log line of the call. The
+/// handler records the account, key, order and outcome on it; the RPC
+/// middleware records the status code. With traces on, a W3C `traceparent`
+/// in `headers` makes it the caller's span's child.
+pub(super) fn server_span(service: &'static str, method: &'static str, headers: &http::HeaderMap) -> Span {
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = Empty,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        account_id = Empty,
+        client_request_id = Empty,
+        order_id = Empty,
+        listed = Empty,
+        outcome = Empty,
+        code = Empty,
+        latency_ms = Empty,
+    );
+    if enabled() && !span.is_disabled() {
+        span.record("otel.name", span_name(service, method));
+        let parent = TraceContextPropagator::new().extract(&Headers(headers));
+        if parent.span().span_context().is_valid() {
+            // Fails only once the span has started, which it has not.
+            let _ = span.set_parent(parent);
+        }
+        stamp(&span);
+    }
+    span
+}
+
+/// Records how an RPC ended on its server span: the gRPC code, and an
+/// error status for the codes the conventions call server errors.
+pub(super) fn record_status(span: &Span, code: tonic::Code) {
+    span.record("rpc.grpc.status_code", code as i64);
+    use tonic::Code::*;
+    if matches!(code, Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss) {
+        span.record("otel.status_code", "error");
+    }
+}
+
+/// A span for one call's database work, the child of the current (server)
+/// span; with traces off, no span.
+pub fn db_span(operation: &'static str, system: &'static str) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        "db",
+        otel.name = format!("{operation} {system}"),
+        otel.kind = "client",
+        db.system.name = system,
+        db.operation.name = operation,
+    );
+    stamp(&span);
+    span
+}
+
+/// The span of one SQLite group commit writing `n` orders for the calls
+/// whose database spans are `callers`: linked to each of them, and each of
+/// them to it. Its parent is the first sampled caller's span, so a sampled
+/// trace holds the batch it rode in; with traces off, no span.
+pub fn batch_span<'a>(n: usize, callers: impl Iterator<Item = &'a Span>) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    let contexts: Vec<(&Span, SpanContext)> = callers
+        .map(|caller| (caller, caller.context().span().span_context().clone()))
+        .filter(|(_, cx)| cx.is_valid())
+        .collect();
+    let span = tracing::info_span!(
+        parent: None,
+        "batch",
+        otel.name = "group_commit sqlite",
+        otel.kind = "client",
+        db.system.name = "sqlite",
+        db.operation.name = "group_commit",
+        db.operation.batch.size = n as i64,
+    );
+    if let Some((first, _)) = contexts.iter().find(|(_, cx)| cx.is_sampled()) {
+        let _ = span.set_parent(first.context());
+    }
+    for (_, cx) in &contexts {
+        span.add_link(cx.clone());
+    }
+    let batch = span.context().span().span_context().clone();
+    if batch.is_valid() {
+        for (caller, _) in &contexts {
+            caller.add_link(batch.clone());
+        }
+    }
+    stamp(&span);
+    span
+}
+
+/// The trace and span id of a span, kept in its extensions for the JSON
+/// log lines of the events inside it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TraceIds {
+    pub trace_id: opentelemetry::trace::TraceId,
+    pub span_id: opentelemetry::trace::SpanId,
+}
+
+/// Stores `span`'s OpenTelemetry ids in its extensions (see [`TraceIds`]).
+fn stamp(span: &Span) {
+    let cx = span.context();
+    let span_ref = cx.span();
+    let ids = span_ref.span_context();
+    if !ids.is_valid() {
+        return;
+    }
+    let ids = TraceIds { trace_id: ids.trace_id(), span_id: ids.span_id() };
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>()
+            && let Some(data) = registry.span(id)
+        {
+            data.extensions_mut().replace(ids);
+        }
+    });
+}
+
+/// Reads W3C trace context from request headers.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// What the exporting thread is asked besides spans.
+enum Control {
+    /// The resource (service name, version, attributes) spans are sent
+    /// with: given once, before any span.
+    Resource(Resource),
+    /// Export everything queued, then answer.
+    Flush(std_mpsc::SyncSender<()>),
+    /// Export everything queued, answer, and stop.
+    Shutdown(std_mpsc::SyncSender<()>),
+}
+
+/// A span processor with a bounded queue that never blocks the span's
+/// ender: a full queue drops the span (counted). A thread of its own, with
+/// its own single-threaded runtime, exports the queue in batches, so the
+/// collector's connection, its retries and its slowness stay off the
+/// server's runtime.
+#[derive(Debug)]
+struct QueueProcessor {
+    spans: mpsc::Sender<SpanData>,
+    control: mpsc::UnboundedSender<Control>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl QueueProcessor {
+    /// Builds the OTLP exporter inside the exporting thread and starts it.
+    fn start(settings: QueueSettings) -> anyhow::Result<Self> {
+        let (spans, spans_rx) = mpsc::channel(settings.max_queue);
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (built_tx, built_rx) = std_mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("otel-export".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = built_tx.send(Err(anyhow::Error::from(error)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build();
+                    let exporter = match exporter {
+                        Ok(exporter) => {
+                            let _ = built_tx.send(Ok(()));
+                            exporter
+                        }
+                        Err(error) => {
+                            let _ = built_tx.send(Err(anyhow::Error::from(error)));
+                            return;
+                        }
+                    };
+                    export_queue(exporter, spans_rx, control_rx, settings).await;
+                });
+            })
+            .context("starting the trace exporting thread")?;
+        built_rx.recv().context("the trace exporting thread stopped")??;
+        Ok(Self { spans, control, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Sends `control` and waits at most `timeout` for the answer.
+    fn ask(
+        &self,
+        control: impl FnOnce(std_mpsc::SyncSender<()>) -> Control,
+        timeout: Duration,
+    ) -> OTelSdkResult {
+        let (reply, answer) = std_mpsc::sync_channel(1);
+        self.control.send(control(reply)).map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        answer.recv_timeout(timeout).map_err(|_| OTelSdkError::Timeout(timeout))
+    }
+}
+
+impl SpanProcessor for QueueProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn set_resource(&mut self, resource: &Resource) {
+        let _ = self.control.send(Control::Resource(resource.clone()));
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.spans.try_send(span).is_err() {
+            metrics::record_spans_dropped("queue_full", 1);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.ask(Control::Flush, Duration::from_secs(30))
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let answered = self.ask(Control::Shutdown, timeout);
+        if answered.is_ok()
+            && let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take())
+        {
+            let _ = thread.join();
+        }
+        answered
+    }
+}
+
+/// The exporting thread's loop: a batch goes out when it is full, when the
+/// oldest span in it has waited the schedule delay, or when asked.
+async fn export_queue(
+    mut exporter: opentelemetry_otlp::SpanExporter,
+    mut spans: mpsc::Receiver<SpanData>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    settings: QueueSettings,
+) {
+    let mut batch = Vec::with_capacity(settings.max_batch);
+    let mut due: Option<tokio::time::Instant> = None;
+    let mut failing = false;
+    loop {
+        let wait = async {
+            match due {
+                Some(due) => tokio::time::sleep_until(due).await,
+                None => std::future::pending().await,
+            }
+        };
+        let room = settings.max_batch - batch.len();
+        tokio::select! {
+            // The resource comes first, and a flush before the spans after it.
+            biased;
+            Some(asked) = control.recv() => {
+                if let Control::Resource(resource) = &asked {
+                    exporter.set_resource(resource);
+                    continue;
+                }
+                while let Ok(span) = spans.try_recv() {
+                    batch.push(span);
+                    if batch.len() >= settings.max_batch {
+                        export(&exporter, &mut batch, settings, &mut failing).await;
+                    }
+                }
+                export(&exporter, &mut batch, settings, &mut failing).await;
+                due = None;
+                match asked {
+                    Control::Resource(_) => {}
+                    Control::Flush(reply) => {
+                        let _ = reply.send(());
+                    }
+                    Control::Shutdown(reply) => {
+                        let _ = exporter.shutdown();
+                        let _ = reply.send(());
+                        return;
+                    }
+                }
+            }
+            received = spans.recv_many(&mut batch, room), if room > 0 =>
+            {
+                if received == 0 {
+                    export(&exporter, &mut batch, settings, &mut failing).await;
+                    return;
+                }
+                due.get_or_insert_with(|| tokio::time::Instant::now() + settings.delay);
+                if batch.len() >= settings.max_batch {
+                    export(&exporter, &mut batch, settings, &mut failing).await;
+                    due = None;
+                }
+            }
+            () = wait => {
+                export(&exporter, &mut batch, settings, &mut failing).await;
+                due = None;
+            }
+        }
+    }
+}
+
+/// Exports `batch` (emptying it) within the export timeout; a batch that
+/// fails is dropped and counted. Logs when exporting starts failing and
+/// when it recovers, not once per batch.
+async fn export(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: &mut Vec<SpanData>,
+    settings: QueueSettings,
+    failing: &mut bool,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let spans = std::mem::take(batch);
+    let n = spans.len() as u64;
+    let error = match tokio::time::timeout(settings.export_timeout, exporter.export(spans)).await {
+        Ok(Ok(())) => {
+            metrics::record_spans_exported(n);
+            if std::mem::take(failing) {
+                tracing::info!("exporting traces again");
+            }
+            return;
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no answer within {}", humantime::format_duration(settings.export_timeout)),
+    };
+    metrics::record_spans_dropped("export_failed", n);
+    if !std::mem::replace(failing, true) {
+        tracing::warn!(%error, spans = n, "exporting traces failed; spans are dropped until the collector answers");
+    }
+}
