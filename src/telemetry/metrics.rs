@@ -259,7 +259,7 @@ where
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let rpc = Rpc::of(request.uri().path());
         let (_, service, method) = RPCS[rpc.0];
-        let span = traces::server_span(service, method, request.headers());
+        let span = traces::server_span(&SPAN_NAMES[rpc.0], service, method, request.headers());
         rpc.series().started.increment(1);
         let started = Instant::now();
         let request = request.map(|inner| {
@@ -478,6 +478,11 @@ struct CallSeries {
 
 static SERIES: [RpcSeries; RPCS.len()] =
     [const { RpcSeries { handled: [const { OnceLock::new() }; 17], seconds: OnceLock::new() } }; RPCS.len()];
+
+/// Each RPC's span name, made once.
+static SPAN_NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    RPCS.iter().map(|&(_, service, method)| traces::span_name(service, method)).collect()
+});
 
 static CALL_SERIES: [OnceLock<CallSeries>; RPCS.len()] = [const { OnceLock::new() }; RPCS.len()];
 

@@ -34,26 +34,27 @@ pub fn init(format: LogFormat) -> anyhow::Result<Option<Tracing>> {
         Err(_) => filter,
     };
     let tracing = traces::from_env()?;
-    // Only the service's own spans become OpenTelemetry spans: the
-    // exporter's own client (h2, hyper, tonic) never traces itself.
-    let otel = tracing.as_ref().map(|tracing| {
-        traces::layer(tracing).with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-            meta.target().starts_with("order_service")
-        }))
-    });
+    let otel = tracing.as_ref().map(traces::layer);
     let ansi = std::io::stdout().is_terminal();
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .map_event_format(WithTraceIds)
-            .boxed(),
+        LogFormat::Json => {
+            traces::stamp_log_lines();
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .map_event_format(WithTraceIds)
+                .boxed()
+        }
     };
+    // One global filter (per-layer filters cost every span's every poll a
+    // registry lookup per layer): RUST_LOG decides which spans exist, so
+    // traces need the service's spans, `order_service=info` (the default).
     // `try_init` fails only when a subscriber is already installed (tests).
     let _ = tracing_subscriber::registry().with(filter).with(otel).with(fmt).try_init();
+    traces::keep_log_dispatch();
     Ok(tracing)
 }
 

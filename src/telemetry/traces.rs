@@ -25,7 +25,7 @@
 use std::{
     sync::{
         Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc as std_mpsc,
     },
     time::Duration,
@@ -58,6 +58,15 @@ static ON: AtomicBool = AtomicBool::new(false);
 /// Whether traces are on.
 pub fn enabled() -> bool {
     ON.load(Ordering::Relaxed)
+}
+
+/// Whether log lines carry trace ids (JSON logs): only then are the ids
+/// kept in each traced span's extensions.
+static STAMP: AtomicBool = AtomicBool::new(false);
+
+/// Makes every traced span keep its ids for the log lines inside it.
+pub(super) fn stamp_log_lines() {
+    STAMP.store(true, Ordering::Relaxed);
 }
 
 /// The tracer provider, kept to flush and shut down at exit.
@@ -169,11 +178,14 @@ where
         .with_location(false)
         .with_target(false)
         .with_context_activation(false)
+        // Warnings and errors become span events; the `finished` line says
+        // what the span's attributes already hold (the count of the events
+        // left out is the span's `otel.tracing_event_count`).
+        .with_counting_event_filter(tracing_subscriber::filter::LevelFilter::WARN)
 }
 
-/// The full method names of the RPCs the metrics know (same order as
-/// their label triples), for span names.
-pub(super) fn span_name(service: &'static str, method: &'static str) -> String {
+/// An RPC's span name: its full method name.
+pub(super) fn span_name(service: &str, method: &str) -> String {
     if service == "unknown" { "unknown".to_owned() } else { format!("{service}/{method}") }
 }
 
@@ -182,7 +194,12 @@ pub(super) fn span_name(service: &'static str, method: &'static str) -> String {
 /// handler records the account, key, order and outcome on it; the RPC
 /// middleware records the status code. With traces on, a W3C `traceparent`
 /// in `headers` makes it the caller's span's child.
-pub(super) fn server_span(service: &'static str, method: &'static str, headers: &http::HeaderMap) -> Span {
+pub(super) fn server_span(
+    name: &'static str,
+    service: &'static str,
+    method: &'static str,
+    headers: &http::HeaderMap,
+) -> Span {
     let span = tracing::info_span!(
         "rpc",
         otel.name = Empty,
@@ -201,7 +218,7 @@ pub(super) fn server_span(service: &'static str, method: &'static str, headers: 
         latency_ms = Empty,
     );
     if enabled() && !span.is_disabled() {
-        span.record("otel.name", span_name(service, method));
+        span.record("otel.name", name);
         let parent = TraceContextPropagator::new().extract(&Headers(headers));
         if parent.span().span_context().is_valid() {
             // Fails only once the span has started, which it has not.
@@ -228,9 +245,20 @@ pub fn db_span(operation: &'static str, system: &'static str) -> Span {
     if !enabled() {
         return Span::none();
     }
+    let name = match (operation, system) {
+        ("place_order", "sqlite") => "place_order sqlite",
+        ("place_order", _) => "place_order postgresql",
+        ("get_order", "sqlite") => "get_order sqlite",
+        ("get_order", _) => "get_order postgresql",
+        ("list_orders", "sqlite") => "list_orders sqlite",
+        ("list_orders", _) => "list_orders postgresql",
+        ("cancel_order", "sqlite") => "cancel_order sqlite",
+        ("cancel_order", _) => "cancel_order postgresql",
+        _ => operation,
+    };
     let span = tracing::info_span!(
         "db",
-        otel.name = format!("{operation} {system}"),
+        otel.name = name,
         otel.kind = "client",
         db.system.name = system,
         db.operation.name = operation,
@@ -286,6 +314,9 @@ pub(super) struct TraceIds {
 
 /// Stores `span`'s OpenTelemetry ids in its extensions (see [`TraceIds`]).
 fn stamp(span: &Span) {
+    if !STAMP.load(Ordering::Relaxed) {
+        return;
+    }
     let cx = span.context();
     let span_ref = cx.span();
     let ids = span_ref.span_context();
@@ -320,6 +351,8 @@ enum Control {
     /// The resource (service name, version, attributes) spans are sent
     /// with: given once, before any span.
     Resource(Resource),
+    /// A batch's worth of spans is queued: export them now.
+    Export,
     /// Export everything queued, then answer.
     Flush(std_mpsc::SyncSender<()>),
     /// Export everything queued, answer, and stop.
@@ -330,10 +363,15 @@ enum Control {
 /// ender: a full queue drops the span (counted). A thread of its own, with
 /// its own single-threaded runtime, exports the queue in batches, so the
 /// collector's connection, its retries and its slowness stay off the
-/// server's runtime.
+/// server's runtime. The thread is woken once per batch (or by the schedule
+/// delay), never per span: a wake-up per span cost the RPC workers a
+/// system call each.
 #[derive(Debug)]
 struct QueueProcessor {
-    spans: mpsc::Sender<SpanData>,
+    spans: std_mpsc::SyncSender<SpanData>,
+    /// Spans queued since the exporting thread was last woken.
+    unannounced: AtomicUsize,
+    max_batch: usize,
     control: mpsc::UnboundedSender<Control>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -341,12 +379,16 @@ struct QueueProcessor {
 impl QueueProcessor {
     /// Builds the OTLP exporter inside the exporting thread and starts it.
     fn start(settings: QueueSettings) -> anyhow::Result<Self> {
-        let (spans, spans_rx) = mpsc::channel(settings.max_queue);
+        let (spans, spans_rx) = std_mpsc::sync_channel(settings.max_queue);
         let (control, control_rx) = mpsc::unbounded_channel();
         let (built_tx, built_rx) = std_mpsc::sync_channel(1);
+        // The thread's own client (tonic, hyper, h2) never traces or logs
+        // itself into the queue it empties; its own log lines go to the
+        // process's subscriber explicitly ([`LOGS`]).
         let thread = std::thread::Builder::new()
             .name("otel-export".into())
             .spawn(move || {
+                let _silent = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
                 let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(runtime) => runtime,
                     Err(error) => {
@@ -371,7 +413,13 @@ impl QueueProcessor {
             })
             .context("starting the trace exporting thread")?;
         built_rx.recv().context("the trace exporting thread stopped")??;
-        Ok(Self { spans, control, thread: Mutex::new(Some(thread)) })
+        Ok(Self {
+            spans,
+            unannounced: AtomicUsize::new(0),
+            max_batch: settings.max_batch,
+            control,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     /// Sends `control` and waits at most `timeout` for the answer.
@@ -399,6 +447,11 @@ impl SpanProcessor for QueueProcessor {
         }
         if self.spans.try_send(span).is_err() {
             metrics::record_spans_dropped("queue_full", 1);
+            return;
+        }
+        if self.unannounced.fetch_add(1, Ordering::Relaxed) + 1 >= self.max_batch {
+            self.unannounced.store(0, Ordering::Relaxed);
+            let _ = self.control.send(Control::Export);
         }
     }
 
@@ -417,70 +470,69 @@ impl SpanProcessor for QueueProcessor {
     }
 }
 
-/// The exporting thread's loop: a batch goes out when it is full, when the
-/// oldest span in it has waited the schedule delay, or when asked.
+/// The exporting thread's loop: everything queued goes out, in batches,
+/// when a batch's worth is announced, when the schedule delay passes, or
+/// when asked.
 async fn export_queue(
     mut exporter: opentelemetry_otlp::SpanExporter,
-    mut spans: mpsc::Receiver<SpanData>,
+    spans: std_mpsc::Receiver<SpanData>,
     mut control: mpsc::UnboundedReceiver<Control>,
     settings: QueueSettings,
 ) {
-    let mut batch = Vec::with_capacity(settings.max_batch);
-    let mut due: Option<tokio::time::Instant> = None;
     let mut failing = false;
     loop {
-        let wait = async {
-            match due {
-                Some(due) => tokio::time::sleep_until(due).await,
-                None => std::future::pending().await,
-            }
-        };
-        let room = settings.max_batch - batch.len();
-        tokio::select! {
-            // The resource comes first, and a flush before the spans after it.
+        let asked = tokio::select! {
             biased;
-            Some(asked) = control.recv() => {
-                if let Control::Resource(resource) = &asked {
-                    exporter.set_resource(resource);
-                    continue;
-                }
-                while let Ok(span) = spans.try_recv() {
-                    batch.push(span);
-                    if batch.len() >= settings.max_batch {
-                        export(&exporter, &mut batch, settings, &mut failing).await;
-                    }
-                }
-                export(&exporter, &mut batch, settings, &mut failing).await;
-                due = None;
-                match asked {
-                    Control::Resource(_) => {}
-                    Control::Flush(reply) => {
-                        let _ = reply.send(());
-                    }
-                    Control::Shutdown(reply) => {
-                        let _ = exporter.shutdown();
-                        let _ = reply.send(());
-                        return;
-                    }
-                }
+            asked = control.recv() => asked,
+            () = tokio::time::sleep(settings.delay) => Some(Control::Export),
+        };
+        let asked = match asked {
+            Some(Control::Resource(resource)) => {
+                exporter.set_resource(&resource);
+                continue;
             }
-            received = spans.recv_many(&mut batch, room), if room > 0 =>
-            {
-                if received == 0 {
-                    export(&exporter, &mut batch, settings, &mut failing).await;
-                    return;
-                }
-                due.get_or_insert_with(|| tokio::time::Instant::now() + settings.delay);
-                if batch.len() >= settings.max_batch {
-                    export(&exporter, &mut batch, settings, &mut failing).await;
-                    due = None;
-                }
-            }
-            () = wait => {
+            // The processor is gone: what is queued is all there will be.
+            None => Control::Export,
+            Some(asked) => asked,
+        };
+        let mut batch = Vec::new();
+        while let Ok(span) = spans.try_recv() {
+            batch.push(span);
+            if batch.len() >= settings.max_batch {
                 export(&exporter, &mut batch, settings, &mut failing).await;
-                due = None;
             }
         }
+        export(&exporter, &mut batch, settings, &mut failing).await;
+        match asked {
+            Control::Flush(reply) => {
+                let _ = reply.send(());
+            }
+            Control::Shutdown(reply) => {
+                let _ = exporter.shutdown();
+                let _ = reply.send(());
+                return;
+            }
+            Control::Resource(_) | Control::Export => {}
+        }
+        if control.is_closed() && control.is_empty() {
+            return;
+        }
+    }
+}
+
+/// The process's subscriber, for the exporting thread's own log lines.
+static LOGS: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+
+/// Keeps the process's subscriber (once installed) for the exporting
+/// thread's log lines.
+pub(super) fn keep_log_dispatch() {
+    let _ = LOGS.set(tracing::dispatcher::get_default(Clone::clone));
+}
+
+/// Logs from the exporting thread, to the process's subscriber.
+fn log(event: impl FnOnce()) {
+    if let Some(dispatch) = LOGS.get() {
+        tracing::dispatcher::with_default(dispatch, event);
     }
 }
 
@@ -502,7 +554,7 @@ async fn export(
         Ok(Ok(())) => {
             metrics::record_spans_exported(n);
             if std::mem::take(failing) {
-                tracing::info!("exporting traces again");
+                log(|| tracing::info!("exporting traces again"));
             }
             return;
         }
@@ -511,6 +563,8 @@ async fn export(
     };
     metrics::record_spans_dropped("export_failed", n);
     if !std::mem::replace(failing, true) {
-        tracing::warn!(%error, spans = n, "exporting traces failed; spans are dropped until the collector answers");
+        log(|| {
+            tracing::warn!(%error, spans = n, "exporting traces failed; spans are dropped until the collector answers");
+        });
     }
 }

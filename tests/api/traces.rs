@@ -270,6 +270,8 @@ async fn a_collector_that_is_down_or_silent_never_fails_or_holds_a_call() {
     collector.stop().await;
     place_many(&server, 200).await;
     until_spans_dropped(&server, "export_failed").await;
+    let warned = server.log("exporting traces failed").await;
+    assert_eq!(warned["level"], "WARN", "{warned}");
     server.signal("TERM");
     assert!(server.child.wait().await.unwrap().success());
 
