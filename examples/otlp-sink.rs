@@ -54,6 +54,13 @@ impl TraceService for Sink {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("usage: otlp-sink [--listen 127.0.0.1:4317] [--show N]");
+        println!(
+            "Receives OTLP/gRPC traces, prints the first N spans whole and the count each second it changes."
+        );
+        return Ok(());
+    }
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let listen: SocketAddr = flag("--listen").unwrap_or_else(|| "127.0.0.1:4317".into()).parse()?;
     let show = flag("--show").map_or(Ok(0), |n| n.parse())?;

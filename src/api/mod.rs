@@ -82,10 +82,20 @@ impl OrderApi {
         Self { store, auth, settings, in_flight }
     }
 
-    /// The span of one store call, the child of the call's server span
-    /// (none with traces off).
-    fn db_span(&self, operation: &'static str) -> Span {
-        traces::db_span(operation, self.store.system())
+    /// Runs one store call in its database span, the child of the call's
+    /// server span (none with traces off), which records a failure the
+    /// server is to blame for.
+    async fn in_db_span<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let span = traces::db_span(operation, self.store.system());
+        let result = call.instrument(span.clone()).await;
+        if let Err(error) = &result {
+            traces::record_error(&span, error.code());
+        }
+        result
     }
 
     /// Who is calling (recorded on the call's span), and a place among the
@@ -197,11 +207,14 @@ impl OrderService for OrderApi {
                 span.record("client_request_id", raw_key);
             })?;
             span.record("client_request_id", field::display(new.client_request_id));
-            let placed = self
-                .store
-                .place_order(&account, new, self.settings.idempotency_ttl, lock_wait, Some(deadline))
-                .instrument(self.db_span("place_order"))
-                .await?;
+            let placing = self.store.place_order(
+                &account,
+                new,
+                self.settings.idempotency_ttl,
+                lock_wait,
+                Some(deadline),
+            );
+            let placed = self.in_db_span("place_order", placing).await?;
             span.record("order_id", field::display(placed.0.order_id));
             Ok(placed)
         }
@@ -229,11 +242,11 @@ impl OrderService for OrderApi {
             let order: Order = match GetOrderBy::try_from(request.into_inner())? {
                 GetOrderBy::OrderId(id) => {
                     span.record("order_id", field::display(id));
-                    self.store.get_order(&account, id).instrument(self.db_span("get_order")).await?
+                    self.in_db_span("get_order", self.store.get_order(&account, id)).await?
                 }
                 GetOrderBy::ClientRequestId(key) => {
                     span.record("client_request_id", field::display(key));
-                    self.store.get_order_by_key(&account, key).instrument(self.db_span("get_order")).await?
+                    self.in_db_span("get_order", self.store.get_order_by_key(&account, key)).await?
                 }
             };
             span.record("order_id", field::display(order.order_id));
@@ -261,11 +274,8 @@ impl OrderService for OrderApi {
                 ),
             };
             // One more than asked tells whether another page follows.
-            let mut orders = self
-                .store
-                .list_orders(&account, &query.filter, after, query.page_size + 1)
-                .instrument(self.db_span("list_orders"))
-                .await?;
+            let listing = self.store.list_orders(&account, &query.filter, after, query.page_size + 1);
+            let mut orders = self.in_db_span("list_orders", listing).await?;
             let next_page_token = if orders.len() > query.page_size as usize {
                 orders.truncate(query.page_size as usize);
                 orders.last().map(|last| page_token::encode(&account, &query.filter, last.cursor()))
@@ -292,7 +302,7 @@ impl OrderService for OrderApi {
             let (account, _permit) = self.admit(&request)?;
             let id = OrderId::try_from(request.into_inner())?;
             span.record("order_id", field::display(id));
-            self.store.cancel_order(&account, id).instrument(self.db_span("cancel_order")).await
+            self.in_db_span("cancel_order", self.store.cancel_order(&account, id)).await
         }
         .await;
         let (order, _) =

@@ -34,15 +34,14 @@ use std::{
 use anyhow::Context as _;
 use opentelemetry::{
     Context, KeyValue,
-    propagation::{Extractor, TextMapPropagator},
-    trace::{SpanContext, TraceContextExt, TracerProvider as _},
+    trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _},
 };
 use opentelemetry_sdk::{
     Resource,
     error::{OTelSdkError, OTelSdkResult},
-    propagation::TraceContextPropagator,
-    trace::{SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor},
+    trace::{SdkTracerProvider, SpanData, SpanExporter as _, SpanLimits, SpanProcessor},
 };
+use order_client::TraceParent;
 use tokio::sync::mpsc;
 use tonic::codegen::http;
 use tracing::{Span, Subscriber, field::Empty};
@@ -98,6 +97,79 @@ fn endpoint() -> Option<String> {
     var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
 }
 
+/// The largest export queue (`OTEL_BSP_MAX_QUEUE_SIZE`), about 24 MiB of
+/// slots.
+const MAX_QUEUE: usize = 65_536;
+
+/// `endpoint` without its user name and password, for messages.
+fn redact(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(mut url) if !url.username().is_empty() || url.password().is_some() => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        Ok(_) => endpoint.to_owned(),
+        Err(_) => "(not a URL)".to_owned(),
+    }
+}
+
+/// Refuses trace settings the SDK would take silently and then ignore or
+/// misread: an endpoint that is not an `http(s)://` URL, another exporter
+/// or protocol, an unknown sampler, a ratio outside 0..=1, a timeout that is
+/// not a positive number of milliseconds.
+fn check_settings(endpoint: &str) -> anyhow::Result<()> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let url = url::Url::parse(endpoint)
+        .map_err(|e| anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT={}: {e}", redact(endpoint)))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        anyhow::bail!(
+            "OTEL_EXPORTER_OTLP_ENDPOINT={}: expected http://HOST:PORT or https://HOST:PORT",
+            redact(endpoint)
+        );
+    }
+    if let Some(exporter) = var("OTEL_TRACES_EXPORTER")
+        && exporter != "otlp"
+    {
+        anyhow::bail!("OTEL_TRACES_EXPORTER={exporter:?}: this service exports `otlp` (or `none`)");
+    }
+    for name in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
+        if let Some(protocol) = var(name)
+            && protocol != "grpc"
+        {
+            anyhow::bail!("{name}={protocol:?}: this service exports OTLP over gRPC only");
+        }
+    }
+    let sampler = var("OTEL_TRACES_SAMPLER");
+    let samplers = [
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ];
+    if let Some(sampler) = &sampler
+        && !samplers.contains(&sampler.as_str())
+    {
+        anyhow::bail!("OTEL_TRACES_SAMPLER={sampler:?}: expected one of {}", samplers.join(", "));
+    }
+    if sampler.as_deref().is_some_and(|s| s.ends_with("traceidratio"))
+        && let Some(arg) = var("OTEL_TRACES_SAMPLER_ARG")
+        && !arg.trim().parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r))
+    {
+        anyhow::bail!("OTEL_TRACES_SAMPLER_ARG={arg:?}: expected a ratio from 0 to 1");
+    }
+    for name in ["OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"] {
+        if let Some(value) = var(name)
+            && !value.trim().parse::<u64>().is_ok_and(|ms| ms > 0)
+        {
+            anyhow::bail!("{name}={value:?}: expected a positive whole number of milliseconds");
+        }
+    }
+    Ok(())
+}
+
 /// The queue's limits, from the `OTEL_BSP_*` variables (milliseconds and
 /// counts) with the specification's defaults.
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +194,10 @@ impl QueueSettings {
             }
         };
         let max_queue = number("OTEL_BSP_MAX_QUEUE_SIZE", 2048)? as usize;
+        // The queue's slots are allocated at start.
+        if max_queue > MAX_QUEUE {
+            anyhow::bail!("OTEL_BSP_MAX_QUEUE_SIZE={max_queue}: at most {MAX_QUEUE}");
+        }
         Ok(Self {
             max_queue,
             max_batch: (number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)? as usize).min(max_queue),
@@ -136,30 +212,33 @@ impl QueueSettings {
 /// number), reported at start like any bad flag.
 pub(super) fn from_env() -> anyhow::Result<Option<Tracing>> {
     let Some(endpoint) = endpoint() else { return Ok(None) };
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_default();
-    if !protocol.is_empty() && protocol != "grpc" {
-        anyhow::bail!("OTEL_EXPORTER_OTLP_PROTOCOL={protocol:?}: this service exports OTLP over gRPC only");
-    }
+    check_settings(&endpoint)?;
     let settings = QueueSettings::from_env()?;
-    let processor =
-        QueueProcessor::start(settings).with_context(|| format!("the OTLP trace exporter for {endpoint}"))?;
+    let processor = QueueProcessor::start(settings)
+        .with_context(|| format!("the OTLP trace exporter for {}", redact(&endpoint)))?;
     let mut resource = Resource::builder();
-    // The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; without
-    // either naming the service it would be `unknown_service`.
-    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
-    if !named {
-        resource = resource.with_service_name("order-service");
+    // The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, but lets
+    // the latter's service.name win; the specification says the former
+    // does. Without either the name would be `unknown_service`.
+    match std::env::var("OTEL_SERVICE_NAME").ok().filter(|v| !v.is_empty()) {
+        Some(name) => resource = resource.with_service_name(name),
+        None if std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name=")) => {}
+        None => resource = resource.with_service_name("order-service"),
     }
     let resource =
         resource.with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))).build();
     // The sampler comes from OTEL_TRACES_SAMPLER (default: parentbased_always_on).
-    let provider =
-        SdkTracerProvider::builder().with_resource(resource).with_span_processor(processor).build();
+    // A group-commit span links to every call of its batch: the SDK's
+    // default of 128 links would cut the larger batches short.
+    let limits =
+        SpanLimits { max_links_per_span: crate::config::SQLITE_MAX_BATCH_LIMIT, ..SpanLimits::default() };
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_span_limits(limits)
+        .with_span_processor(processor)
+        .build();
     ON.store(true, Ordering::Relaxed);
-    tracing::debug!(%endpoint, "exporting traces");
+    tracing::debug!(endpoint = %redact(&endpoint), "exporting traces");
     Ok(Some(Tracing { provider }))
 }
 
@@ -178,10 +257,6 @@ where
         .with_location(false)
         .with_target(false)
         .with_context_activation(false)
-        // Warnings and errors become span events; the `finished` line says
-        // what the span's attributes already hold (the count of the events
-        // left out is the span's `otel.tracing_event_count`).
-        .with_counting_event_filter(tracing_subscriber::filter::LevelFilter::WARN)
 }
 
 /// An RPC's span name: its full method name.
@@ -205,6 +280,7 @@ pub(super) fn server_span(
         otel.name = Empty,
         otel.kind = "server",
         otel.status_code = Empty,
+        error.type = Empty,
         rpc.system = "grpc",
         rpc.service = service,
         rpc.method = method,
@@ -219,10 +295,9 @@ pub(super) fn server_span(
     );
     if enabled() && !span.is_disabled() {
         span.record("otel.name", name);
-        let parent = TraceContextPropagator::new().extract(&Headers(headers));
-        if parent.span().span_context().is_valid() {
+        if let Some(parent) = remote_parent(headers) {
             // Fails only once the span has started, which it has not.
-            let _ = span.set_parent(parent);
+            let _ = span.set_parent(Context::new().with_remote_span_context(parent));
         }
         stamp(&span);
     }
@@ -233,9 +308,17 @@ pub(super) fn server_span(
 /// error status for the codes the conventions call server errors.
 pub(super) fn record_status(span: &Span, code: tonic::Code) {
     span.record("rpc.grpc.status_code", code as i64);
+    record_error(span, code);
+}
+
+/// Marks `span` failed (status error, `error.type` the code's name) when
+/// `code` is one the conventions call a server error: a refused request
+/// (invalid, not found, key reused) is the caller's, not the span's.
+pub fn record_error(span: &Span, code: tonic::Code) {
     use tonic::Code::*;
     if matches!(code, Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss) {
         span.record("otel.status_code", "error");
+        span.record("error.type", order_client::code_name(code));
     }
 }
 
@@ -260,6 +343,8 @@ pub fn db_span(operation: &'static str, system: &'static str) -> Span {
         "db",
         otel.name = name,
         otel.kind = "client",
+        otel.status_code = Empty,
+        error.type = Empty,
         db.system.name = system,
         db.operation.name = operation,
     );
@@ -279,6 +364,11 @@ pub fn batch_span<'a>(n: usize, callers: impl Iterator<Item = &'a Span>) -> Span
         .map(|caller| (caller, caller.context().span().span_context().clone()))
         .filter(|(_, cx)| cx.is_valid())
         .collect();
+    // Only a sampled caller's trace gets it: a batch of callers that all
+    // asked not to be recorded is not recorded either.
+    let Some((first, _)) = contexts.iter().find(|(_, cx)| cx.is_sampled()) else {
+        return Span::none();
+    };
     let span = tracing::info_span!(
         parent: None,
         "batch",
@@ -286,11 +376,10 @@ pub fn batch_span<'a>(n: usize, callers: impl Iterator<Item = &'a Span>) -> Span
         otel.kind = "client",
         db.system.name = "sqlite",
         db.operation.name = "group_commit",
-        db.operation.batch.size = n as i64,
+        // The conventions set the batch size only on batches of two or more.
+        db.operation.batch.size = (n > 1).then_some(n as i64),
     );
-    if let Some((first, _)) = contexts.iter().find(|(_, cx)| cx.is_sampled()) {
-        let _ = span.set_parent(first.context());
-    }
+    let _ = span.set_parent(first.context());
     for (_, cx) in &contexts {
         span.add_link(cx.clone());
     }
@@ -333,17 +422,39 @@ fn stamp(span: &Span) {
     });
 }
 
-/// Reads W3C trace context from request headers.
-struct Headers<'a>(&'a http::HeaderMap);
+/// Most bytes of `tracestate` kept: the W3C minimum a vendor must
+/// propagate. A longer one is dropped whole, so a caller cannot make every
+/// span of its call (and its batch) carry kilobytes.
+const MAX_TRACESTATE: usize = 512;
 
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+/// The caller's span, from the W3C `traceparent` and `tracestate` headers,
+/// read as strictly as the client writes them ([`TraceParent::parse`]): a
+/// malformed or repeated `traceparent` starts a new trace instead of being
+/// guessed at; `tracestate` headers are joined, and dropped when over
+/// [`MAX_TRACESTATE`] or malformed.
+fn remote_parent(headers: &http::HeaderMap) -> Option<SpanContext> {
+    let mut traceparents = headers.get_all("traceparent").iter();
+    let (Some(value), None) = (traceparents.next(), traceparents.next()) else { return None };
+    let parent = TraceParent::parse(value.to_str().ok()?)?;
+    let mut state = String::new();
+    for value in headers.get_all("tracestate") {
+        let Ok(value) = value.to_str() else { return Some(context(&parent, TraceState::default())) };
+        if !state.is_empty() {
+            state.push(',');
+        }
+        state.push_str(value);
     }
+    let state = match state.len() {
+        0 => TraceState::default(),
+        n if n > MAX_TRACESTATE => TraceState::default(),
+        _ => state.parse().unwrap_or_default(),
+    };
+    Some(context(&parent, state))
+}
 
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
+fn context(parent: &TraceParent, state: TraceState) -> SpanContext {
+    let flags = if parent.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+    SpanContext::new(TraceId::from(parent.trace_id), SpanId::from(parent.parent_id), flags, true, state)
 }
 
 /// What the exporting thread is asked besides spans.

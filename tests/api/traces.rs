@@ -20,7 +20,8 @@ fn traced(endpoint: &str) -> Vec<(&'static str, String)> {
     vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
         ("OTEL_SERVICE_NAME", "orders-under-test".to_owned()),
-        ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test".to_owned()),
+        // OTEL_SERVICE_NAME wins over a service.name here.
+        ("OTEL_RESOURCE_ATTRIBUTES", "service.name=not-this,deployment.environment=test".to_owned()),
         ("OTEL_TRACES_SAMPLER", "parentbased_always_on".to_owned()),
         ("OTEL_BSP_SCHEDULE_DELAY", "20".to_owned()),
     ]
@@ -134,7 +135,7 @@ async fn a_traced_place_order_continues_the_callers_trace_to_the_database(engine
         assert_eq!(batch.parent_span_id(), db_span.span_id(), "the sampled caller's trace holds its batch");
         assert!(batch.links().contains(&db_span.span_id()), "the batch links to its callers: {batch:#?}");
         assert!(db_span.links().contains(&batch.span_id()), "the caller links to its batch: {db_span:#?}");
-        assert_eq!(batch.attr("db.operation.batch.size").as_deref(), Some("1"));
+        assert_eq!(batch.attr("db.operation.batch.size"), None, "not set on a batch of one");
     }
 
     let refused = of_trace(&spans, refused_trace);
@@ -152,6 +153,9 @@ async fn a_traced_place_order_continues_the_callers_trace_to_the_database(engine
 
     server.signal("TERM");
     assert!(server.child.wait().await.unwrap().success());
+    for line in server.lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(&line).is_ok(), "not a JSON log line: {line}");
+    }
     let finished = server
         .lines()
         .iter()
@@ -215,6 +219,29 @@ async fn orderctl_starts_a_trace_or_continues_traceparent() {
         .await;
     let server_span = named(&of_trace(&spans, TRACE_ID), "orders.v1.OrderService/PlaceOrder").unwrap();
     assert_eq!(server_span.parent_span_id(), CALLER_SPAN);
+
+    // health continues it too; an empty TRACEPARENT is no TRACEPARENT.
+    let health_trace = "0af7651916cd43dd8448eb211c80319c";
+    let out = tokio::process::Command::new(orderctl())
+        .args(["--addr", &format!("http://{}", server.addr), "--json", "health"])
+        .env("TRACEPARENT", format!("00-{health_trace}-{CALLER_SPAN}-01"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["trace_id"], health_trace);
+    let spans = collector
+        .until("the health check's server span", |spans| !of_trace(spans, health_trace).is_empty())
+        .await;
+    let check = named(&of_trace(&spans, health_trace), "grpc.health.v1.Health/Check").expect("a Check span");
+    assert_eq!(check.parent_span_id(), CALLER_SPAN);
+    let out = tokio::process::Command::new(orderctl())
+        .args(["--addr", &format!("http://{}", server.addr), "health"])
+        .env("TRACEPARENT", "")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "an empty TRACEPARENT: {}", String::from_utf8_lossy(&out.stderr));
     collector.stop().await;
 }
 
@@ -301,3 +328,193 @@ async fn a_collector_that_is_down_or_silent_never_fails_or_holds_a_call() {
 }
 
 engine_tests!(a_traced_place_order_continues_the_callers_trace_to_the_database);
+
+/// A place order tagged by its key, with `headers` added to its metadata.
+async fn place_with(server: &ServerProcess, headers: &[(&'static str, &str)]) -> String {
+    let mut client = OrderServiceClient::new(channel(server.addr).await);
+    let key = new_key();
+    let mut request = Request::new(limit_order(&key));
+    for (name, value) in headers {
+        request.metadata_mut().append(*name, value.parse().unwrap());
+    }
+    client.place_order(request).await.unwrap();
+    key
+}
+
+/// Callers that asked not to be sampled get nothing exported, their
+/// group-commit batches included; a malformed or repeated `traceparent`
+/// starts a new trace rather than being guessed at (short ids padded into
+/// someone else's trace); `tracestate` headers are joined, and one over
+/// 512 bytes is dropped.
+#[tokio::test]
+async fn unsampled_callers_export_nothing_and_malformed_trace_headers_start_new_traces() {
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("orders.db").display());
+    let mut collector = Collector::start().await;
+    let env = traced(&collector.endpoint());
+    let server = ServerProcess::start_with_env(&env_refs(&env), &["--database-url", &url]).await;
+
+    let mut unsampled = tokio::task::JoinSet::new();
+    for i in 0..40u32 {
+        let addr = server.addr;
+        unsampled.spawn(async move {
+            let mut client = OrderServiceClient::new(channel(addr).await);
+            let mut request = Request::new(limit_order(&new_key()));
+            let traceparent = format!("00-{:032x}-{:016x}-00", 0xabc0_0000 + i, 0xdef0 + i);
+            request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+            client.place_order(request).await.unwrap();
+        });
+    }
+    while let Some(done) = unsampled.join_next().await {
+        done.unwrap();
+    }
+    let sampled = place_with(&server, &[("traceparent", &format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))]).await;
+    let spans = collector
+        .until("the sampled call's server span", |spans| {
+            spans.iter().any(|s| s.attr("client_request_id").as_deref() == Some(sampled.as_str()))
+        })
+        .await;
+    for span in &spans {
+        assert_eq!(span.trace_id(), TRACE_ID, "only the sampled call's trace is exported: {span:#?}");
+    }
+
+    let malformed = [
+        "00-abc-def-01",
+        "00-1-1-01",
+        "00-+1-+1-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+        "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-001",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+    ];
+    let mut keys = Vec::new();
+    for traceparent in malformed {
+        keys.push((traceparent.to_owned(), place_with(&server, &[("traceparent", traceparent)]).await));
+    }
+    let two = format!("00-{TRACE_ID}-{CALLER_SPAN}-01");
+    let repeated = [("traceparent", two.as_str()), ("traceparent", two.as_str())];
+    keys.push(("two traceparent headers".to_owned(), place_with(&server, &repeated).await));
+    let valid = format!("00-{TRACE_ID}-{CALLER_SPAN}-01");
+    let joined =
+        place_with(&server, &[("traceparent", &valid), ("tracestate", "a=1"), ("tracestate", "b=2")]).await;
+    let long_state = format!("a={}", "x".repeat(600));
+    let dropped = place_with(&server, &[("traceparent", &valid), ("tracestate", &long_state)]).await;
+
+    let server_span_of = |spans: &[Exported], key: &str| {
+        spans.iter().find(|s| s.attr("client_request_id").as_deref() == Some(key)).cloned()
+    };
+    let all =
+        [keys.iter().map(|(_, k)| k.clone()).collect::<Vec<_>>(), vec![joined.clone(), dropped.clone()]]
+            .concat();
+    let spans = collector
+        .until("the server span of every call with odd trace headers", |spans| {
+            all.iter().all(|key| server_span_of(spans, key).is_some())
+        })
+        .await;
+    for (traceparent, key) in &keys {
+        let span = server_span_of(&spans, key).unwrap();
+        assert_eq!(span.parent_span_id(), "", "{traceparent} must start a new trace: {span:#?}");
+        assert!(
+            !span.trace_id().starts_with("00000000") && span.trace_id() != TRACE_ID,
+            "{traceparent} must start a new trace: {span:#?}"
+        );
+    }
+    let span = server_span_of(&spans, &joined).unwrap();
+    assert_eq!(span.span.trace_state, "a=1,b=2");
+    let span = server_span_of(&spans, &dropped).unwrap();
+    assert_eq!(span.span.trace_state, "", "a tracestate over 512 bytes is dropped");
+    assert_eq!(span.trace_id(), TRACE_ID, "its traceparent still counts");
+    collector.stop().await;
+}
+
+/// A group commit's span links to every call it wrote, however large the
+/// batch (the SDK's default cuts links at 128): 150 calls queue behind a
+/// write lock held from outside, then ride in one or two batches.
+#[tokio::test]
+async fn a_large_group_commit_links_to_every_call() {
+    let db = tempfile::tempdir().unwrap();
+    let path = db.path().join("orders.db");
+    let url = format!("sqlite://{}", path.display());
+    let mut collector = Collector::start().await;
+    let env = traced(&collector.endpoint());
+    let server =
+        ServerProcess::start_with_env(&env_refs(&env), &["--database-url", &url, "--lock-timeout", "30s"])
+            .await;
+    place_with(&server, &[]).await; // the tables exist
+    let mut lock = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    sqlx::raw_sql("begin exclusive").execute(&mut lock).await.unwrap();
+
+    let n = 150;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let addr = server.addr;
+        calls.spawn(async move {
+            let mut client = OrderServiceClient::new(channel(addr).await);
+            let mut request = Request::new(limit_order(&new_key()));
+            request.set_timeout(Duration::from_secs(60));
+            client.place_order(request).await.unwrap();
+        });
+    }
+    let started = r#"grpc_server_started_total{grpc_type="unary",grpc_service="orders.v1.OrderService",grpc_method="PlaceOrder"}"#;
+    for _ in 0..1000 {
+        if server.metric(started).await >= f64::from(n + 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sqlx::raw_sql("rollback").execute(&mut lock).await.unwrap();
+    while let Some(done) = calls.join_next().await {
+        done.unwrap();
+    }
+    let batch_size =
+        |s: &Exported| s.attr("db.operation.batch.size").map_or(1, |n| n.parse::<usize>().unwrap());
+    let spans = collector
+        .until("group-commit spans covering every call", |spans| {
+            let batches = spans.iter().filter(|s| s.span.name == "group_commit sqlite");
+            batches.map(batch_size).sum::<usize>() > n as usize
+        })
+        .await;
+    let batches: Vec<_> = spans.iter().filter(|s| s.span.name == "group_commit sqlite").collect();
+    for batch in &batches {
+        assert_eq!(batch.span.links.len(), batch_size(batch), "a link per call: {batch:#?}");
+        assert_eq!(batch.span.dropped_links_count, 0);
+    }
+    let largest = batches.iter().map(|b| batch_size(b)).max().unwrap();
+    assert!(largest > 128, "the calls queued behind the lock rode together: largest batch {largest}");
+    collector.stop().await;
+}
+
+/// Trace settings that cannot work fail the start with one line naming
+/// the variable (and never a collector's password), as a bad flag does.
+#[tokio::test]
+async fn bad_trace_settings_fail_the_start_with_one_line() {
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("orders.db").display());
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317");
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "not-a-url")],
+        vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:4317")],
+        vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "http://user:s3cretpw@127.0.0.1:99999")],
+        vec![endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")],
+        vec![endpoint, ("OTEL_TRACES_EXPORTER", "zipkin")],
+        vec![endpoint, ("OTEL_TRACES_SAMPLER", "garbage")],
+        vec![endpoint, ("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "5")],
+        vec![endpoint, ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc")],
+        vec![endpoint, ("OTEL_EXPORTER_OTLP_TIMEOUT", "0")],
+        vec![endpoint, ("OTEL_BSP_MAX_QUEUE_SIZE", "99999999999999")],
+    ];
+    for env in cases {
+        let out = tokio::process::Command::new(crate::helpers::BIN)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "", "--database-url", &url])
+            .envs(env.iter().copied())
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{env:?}: one line: {stderr}");
+        let (name, _) = env.last().unwrap();
+        assert!(stderr.contains(name), "{env:?}: names the variable: {stderr}");
+        assert!(!stderr.contains("s3cretpw"), "{env:?}: a password leaked: {stderr}");
+    }
+}

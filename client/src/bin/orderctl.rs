@@ -61,13 +61,21 @@ struct Connection {
     /// W3C traceparent of the trace to continue (00-TRACE_ID-SPAN_ID-FLAGS);
     /// without it each command starts a sampled trace of its own. Its trace
     /// id is printed with --json, and on failure.
-    #[arg(long, global = true, env = "TRACEPARENT", value_parser = parse_traceparent)]
-    traceparent: Option<TraceParent>,
+    #[arg(long, global = true, env = "TRACEPARENT")]
+    traceparent: Option<String>,
 }
 
-fn parse_traceparent(value: &str) -> Result<TraceParent, String> {
-    TraceParent::parse(value)
-        .ok_or_else(|| "expected 00-<32 hex digits>-<16 hex digits>-<2 hex digits>".to_owned())
+/// The trace to continue: none when `--traceparent` / `TRACEPARENT` is
+/// unset or empty.
+fn trace_parent(c: &Connection) -> Result<Option<TraceParent>, String> {
+    match c.traceparent.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(value) => TraceParent::parse(value).map(Some).ok_or_else(|| {
+            format!(
+                "invalid --traceparent {value:?}: expected 00-<32 hex digits>-<16 hex digits>-<2 hex digits>"
+            )
+        }),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,7 +223,7 @@ fn client_config(c: &Connection) -> Result<ClientConfig, String> {
         token: c.token.clone(),
         tls,
         retry,
-        trace_parent: c.traceparent.clone(),
+        trace_parent: trace_parent(c)?,
         start_traces: true,
     })
 }
@@ -424,20 +432,25 @@ async fn main() -> ExitCode {
 }
 
 async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
+    let trace = config.trace_parent.clone().unwrap_or_else(|| TraceParent::start(true));
+    let trace_id = Some(trace.trace_id_hex());
     let result = async {
         let channel =
             config.endpoint().map_err(|e| e.status)?.connect().await.map_err(|e| {
                 tonic::Status::unavailable(format!("cannot connect to {}: {e}", config.endpoint))
             })?;
         let mut client = HealthClient::new(channel);
-        let request = tonic::Request::new(HealthCheckRequest { service: service.to_owned() });
+        let mut request = tonic::Request::new(HealthCheckRequest { service: service.to_owned() });
+        if let Ok(header) = trace.to_string().parse() {
+            request.metadata_mut().insert("traceparent", header);
+        }
         client.check(request).await.map(|r| r.into_inner().status())
     };
     match tokio::time::timeout(config.retry.attempt_timeout, result).await {
         Ok(Ok(status)) => {
             let name = status.as_str_name();
             if json {
-                println!("{}", json!({ "service": service, "status": name }));
+                println!("{}", json!({ "service": service, "status": name, "trace_id": trace_id }));
             } else {
                 println!("{name}");
             }
@@ -449,7 +462,7 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
                 attempts: 1,
                 client_request_id: None,
                 outcome_unknown: false,
-                trace_id: None,
+                trace_id: trace_id.clone(),
             };
             failed(&error, json)
         }
@@ -459,7 +472,7 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
                 attempts: 1,
                 client_request_id: None,
                 outcome_unknown: false,
-                trace_id: None,
+                trace_id,
             },
             json,
         ),
