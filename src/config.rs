@@ -135,7 +135,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_max_connections: u32,
 
-    /// How long in-flight calls may run after a shutdown signal.
+    /// After the shutdown delay, how long in-flight calls may finish before
+    /// they are abandoned.
     #[arg(long, env = "ORDERS_SHUTDOWN_GRACE", default_value = "20s", value_parser = duration)]
     pub shutdown_grace: Duration,
 
@@ -218,7 +219,7 @@ pub struct Config {
 
     /// SQLite: most PlaceOrders committed together by the group-commit writer
     /// (one disk flush per batch), and most keys looked up in one query;
-    /// 1 turns batching off. At most [`SQLITE_MAX_BATCH_LIMIT`].
+    /// 1 turns batching off. At most 2048 (what one statement can bind).
     #[arg(long, env = "ORDERS_SQLITE_MAX_BATCH", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(SQLITE_MAX_BATCH_LIMIT)))]
     pub sqlite_max_batch: u32,

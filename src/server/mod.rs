@@ -88,6 +88,13 @@ pub struct Application {
     config: Config,
 }
 
+/// Whether the embedded SQLite database is served on an address other hosts
+/// can reach: the set-up in which someone may run several replicas, each
+/// with its own file, and lose exactly-once across them.
+fn serves_sqlite_to_the_network(config: &Config) -> bool {
+    config.database_url.starts_with("sqlite:") && !config.listen.ip().is_loopback()
+}
+
 /// The TLS settings the flags ask for, if any.
 fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<net::tls::Tls>>> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
@@ -154,6 +161,14 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        if serves_sqlite_to_the_network(&config) {
+            tracing::warn!(
+                listen = %config.listen,
+                "SQLITE SERVED BEYOND THIS HOST: run exactly one replica on this file. Each replica with a \
+                 SQLite file of its own is a separate database, so a retry that reaches another replica \
+                 places a second order; serve several replicas on Postgres (docs/scaling.md)"
+            );
+        }
         if config.allow_unauthenticated && !config.authenticates() {
             tracing::warn!(
                 listen = %config.listen,
@@ -378,5 +393,23 @@ impl Application {
         store.close().await;
         tracing::info!("stopped");
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn sqlite_beyond_loopback_is_warned_of() {
+        let config = |args: &[&str]| Config::try_parse_from([&["order-service"][..], args].concat()).unwrap();
+        assert!(!serves_sqlite_to_the_network(&config(&[])));
+        assert!(serves_sqlite_to_the_network(&config(&["--listen", "0.0.0.0:50051"])));
+        assert!(serves_sqlite_to_the_network(&config(&["--listen", "[::]:50051"])));
+        assert!(!serves_sqlite_to_the_network(&config(&["--listen", "[::1]:50051"])));
+        let postgres = ["--listen", "0.0.0.0:50051", "--database-url", "postgres://u@db/orders"];
+        assert!(!serves_sqlite_to_the_network(&config(&postgres)));
     }
 }

@@ -91,13 +91,18 @@ async fn refusals_are_final_after_one_attempt(engine: Engine) {
 async fn orderctl_places_gets_lists_and_cancels_with_json_output(engine: Engine) {
     let app = spawn_app(engine).await;
     let addr = format!("http://{}", app.addr);
+    // With --json, an answer is a JSON object on stdout, an error one on
+    // stderr (stdout then stays empty).
     let orderctl = |args: &[&str]| {
         let out = std::process::Command::new(crate::helpers::orderctl())
             .args(["--addr", &addr, "--json"])
             .args(args)
             .output()
             .unwrap();
-        let json = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default();
+        let (answer, error) =
+            if out.status.success() { (&out.stdout, &out.stderr) } else { (&out.stderr, &out.stdout) };
+        assert!(error.is_empty(), "{args:?}: {}", String::from_utf8_lossy(error));
+        let json = serde_json::from_slice::<serde_json::Value>(answer).unwrap_or_default();
         (out.status.code(), json)
     };
     let (code, placed) =
@@ -135,6 +140,18 @@ async fn orderctl_places_gets_lists_and_cancels_with_json_output(engine: Engine)
     let (code, listed) = orderctl(&["list", "--status", "canceled"]);
     assert_eq!(code, Some(0));
     assert_eq!(listed["orders"].as_array().unwrap().len(), 1);
+    // --all follows the pages: one order placed above and four more.
+    for _ in 0..4 {
+        let (code, _) =
+            orderctl(&["place", "--symbol", "IBM", "--side", "buy", "--quantity", "1", "--type", "market"]);
+        assert_eq!(code, Some(0));
+    }
+    let (code, every) = orderctl(&["list", "--all", "--page-size", "2"]);
+    assert_eq!(code, Some(0), "{every}");
+    assert_eq!(every["orders"].as_array().unwrap().len(), 5, "{every}");
+    assert_eq!(every["next_page_token"], "");
+    let (_, first) = orderctl(&["list", "--page-size", "2"]);
+    assert_eq!(first["orders"].as_array().unwrap().len(), 2);
 
     // A refused request exits 3, with the status in the JSON.
     let (code, refused) = orderctl(&[
@@ -153,19 +170,83 @@ async fn orderctl_places_gets_lists_and_cancels_with_json_output(engine: Engine)
     assert_eq!((code, refused["error"]["code"].as_str()), (Some(3), Some("FailedPrecondition")));
     let (code, health) = orderctl(&["health"]);
     assert_eq!((code, health["status"].as_str()), (Some(0), Some("SERVING")));
-    assert_eq!(app.count("orders").await, 1);
+    assert_eq!(app.count("orders").await, 5);
 
     // Every attempt's reply lost after its commit: the order may exist, so
     // orderctl gives up with "outcome unknown" (exit 5) and the key, never
     // "refused"; placing again with that key replays the one order.
-    let place = ["place", "--symbol", "MSFT", "--side", "sell", "--quantity", "1", "--type", "market"];
-    app.faults.lose_next_replies(RetryPolicy::default().max_attempts);
+    // orderctl retries until --timeout is spent: every reply in it is lost.
+    let place = [
+        "--timeout",
+        "2s",
+        "place",
+        "--symbol",
+        "MSFT",
+        "--side",
+        "sell",
+        "--quantity",
+        "1",
+        "--type",
+        "market",
+    ];
+    app.faults.lose_next_replies(1000);
     let (code, unknown) = orderctl(&place);
     assert_eq!((code, unknown["outcome_unknown"].as_bool()), (Some(5), Some(true)), "{unknown}");
     let key = unknown["client_request_id"].as_str().expect("the key to retry with").to_owned();
+    app.faults.lose_next_replies(0);
     let (code, replay) = orderctl(&[&place[..], &["--key", &key]].concat());
     assert_eq!((code, &replay["replayed"]), (Some(0), &true.into()), "{replay}");
-    assert_eq!(app.count("orders").await, 2);
+    assert_eq!(app.count("orders").await, 6);
+}
+
+/// `--addr` takes `HOST:PORT` as grpcurl does, and `http://HOST:PORT`; a
+/// malformed address is a usage error (exit 2) at once, never retried.
+async fn orderctl_takes_host_port_and_refuses_a_malformed_address_at_once(engine: Engine) {
+    let app = spawn_app(engine).await;
+    for addr in [app.addr.to_string(), format!("http://{}", app.addr)] {
+        let out = tokio::process::Command::new(crate::helpers::orderctl())
+            .args(["--addr", &addr, "health"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{addr}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for bad in
+        ["local host:50051", "127.0.0.1", "http://127.0.0.1:port", "ftp://127.0.0.1:21", "http://h:1/path"]
+    {
+        let started = std::time::Instant::now();
+        let out = tokio::process::Command::new(crate::helpers::orderctl())
+            .args(["--addr", bad, "--timeout", "30s", "list"])
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--addr"), "{bad}: {stderr}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{bad}: refused at once, not retried");
+    }
+}
+
+/// `--timeout` bounds the whole command, retries included, `health` too:
+/// against a listener that never answers, `--timeout 1s` returns within
+/// 1.5 s.
+#[tokio::test]
+async fn orderctl_timeout_bounds_the_whole_command() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    for command in [&["list"][..], &["health"], &["get", "--key", "7c3c1e55-3a5c-4b1e-9d0e-2f4f1b8a9c10"]] {
+        let started = std::time::Instant::now();
+        let out = tokio::process::Command::new(crate::helpers::orderctl())
+            .args(["--addr", &addr, "--timeout", "1s"])
+            .args(command)
+            .output()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(out.status.code(), Some(4), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(took < std::time::Duration::from_millis(1500), "{command:?} took {took:?}");
+    }
+    drop(silent);
 }
 
 #[tokio::test]
@@ -183,5 +264,6 @@ engine_tests!(
     a_reply_lost_after_the_commit_is_retried_with_the_same_key_and_replays,
     a_server_that_is_down_at_first_is_retried_until_it_is_up,
     refusals_are_final_after_one_attempt,
+    orderctl_takes_host_port_and_refuses_a_malformed_address_at_once,
     orderctl_places_gets_lists_and_cancels_with_json_output,
 );

@@ -32,9 +32,11 @@ struct Cli {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 struct Connection {
-    /// Server address: http://HOST:PORT, or https://HOST:PORT with --ca-cert.
-    #[arg(long, global = true, env = "ORDERCTL_ADDR", default_value = "http://127.0.0.1:50051")]
+    /// Server address: HOST:PORT (as grpcurl takes it; TLS with --ca-cert or
+    /// --cert), http://HOST:PORT, or https://HOST:PORT.
+    #[arg(long, global = true, env = "ORDERCTL_ADDR", default_value = "127.0.0.1:50051")]
     addr: String,
     /// Bearer token (prefer the environment variable: arguments are visible to
     /// other users of the machine).
@@ -50,13 +52,14 @@ struct Connection {
     #[arg(long, global = true, env = "ORDERCTL_CLIENT_KEY", requires = "cert")]
     client_key: Option<PathBuf>,
     /// Name to verify the server certificate against, if not the address's host.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "ORDERCTL_TLS_DOMAIN")]
     tls_domain: Option<String>,
-    /// Print JSON instead of text.
-    #[arg(long, global = true)]
+    /// Print JSON instead of text (errors too, on stderr).
+    #[arg(long, global = true, env = "ORDERCTL_JSON")]
     json: bool,
-    /// Give up after this long, retries included.
-    #[arg(long, global = true, default_value = "20s", value_parser = humantime::parse_duration)]
+    /// Give up after this long, every retry included.
+    #[arg(long, global = true, env = "ORDERCTL_TIMEOUT", default_value = "20s",
+          value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// W3C traceparent of the trace to continue (00-TRACE_ID-SPAN_ID-FLAGS);
     /// without it each command starts a sampled trace of its own. Its trace
@@ -83,9 +86,10 @@ enum Command {
     /// Place an order (exactly once: retries reuse its key).
     Place(Place),
     /// Show one order, by id or by the key that placed it.
+    #[command(group(clap::ArgGroup::new("lookup").required(true).args(["id", "key"])))]
     Get {
         /// Order id.
-        #[arg(long, conflicts_with = "key", required_unless_present = "key")]
+        #[arg(long)]
         id: Option<String>,
         /// The client_request_id that placed it.
         #[arg(long)]
@@ -103,8 +107,11 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         page_size: i32,
         /// The next_page_token of the previous page.
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", conflicts_with = "all")]
         page_token: String,
+        /// Every page, not just the first.
+        #[arg(long)]
+        all: bool,
     },
     /// Cancel an order (safe to repeat).
     Cancel {
@@ -118,6 +125,11 @@ enum Command {
         /// Service name ("" for the whole server).
         #[arg(long, default_value = "orders.v1.OrderService")]
         service: String,
+    },
+    /// Print a shell completion script (source it from your shell's rc file).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -195,8 +207,32 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
+/// `--addr` as a URI: `HOST:PORT` gets `http://` (`https://` when TLS
+/// settings are given); anything that is not a host and port is a usage
+/// error, found before any connection is tried.
+fn endpoint_uri(addr: &str, tls: bool) -> Result<String, String> {
+    let addr = addr.trim();
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("{}://{addr}", if tls { "https" } else { "http" })
+    };
+    let parsed: tonic::codegen::http::Uri = uri
+        .parse()
+        .map_err(|e| format!("invalid --addr {addr:?}: {e} (expected HOST:PORT or http(s)://HOST:PORT)"))?;
+    let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
+    let host_ok = parsed.host().is_some_and(|h| !h.is_empty());
+    let path_ok = matches!(parsed.path(), "" | "/") && parsed.query().is_none();
+    if !scheme_ok || !host_ok || !path_ok || parsed.port_u16().is_none() {
+        return Err(format!("invalid --addr {addr:?}: expected HOST:PORT or http(s)://HOST:PORT"));
+    }
+    Ok(uri)
+}
+
 fn client_config(c: &Connection) -> Result<ClientConfig, String> {
-    let tls = if c.ca_cert.is_some() || c.cert.is_some() || c.addr.starts_with("https://") {
+    let wants_tls = c.ca_cert.is_some() || c.cert.is_some();
+    let endpoint = endpoint_uri(&c.addr, wants_tls)?;
+    let tls = if wants_tls || endpoint.starts_with("https://") {
         Some(ClientTls {
             ca_pem: c.ca_cert.as_ref().map(read).transpose()?,
             identity: match (&c.cert, &c.client_key) {
@@ -209,8 +245,11 @@ fn client_config(c: &Connection) -> Result<ClientConfig, String> {
         None
     };
     let quiet = c.json;
+    // --timeout decides, not a count of attempts: retry until it is spent.
     let retry = RetryPolicy {
         total_timeout: c.timeout,
+        attempt_timeout: RetryPolicy::default().attempt_timeout.min(c.timeout),
+        max_attempts: u32::MAX,
         on_retry: Some(Arc::new(move |attempt, status| {
             if !quiet {
                 eprintln!("attempt {attempt} failed ({:?}: {}); retrying", status.code(), status.message());
@@ -219,7 +258,7 @@ fn client_config(c: &Connection) -> Result<ClientConfig, String> {
         ..RetryPolicy::default()
     };
     Ok(ClientConfig {
-        endpoint: c.addr.clone(),
+        endpoint,
         token: c.token.clone(),
         tls,
         retry,
@@ -279,7 +318,7 @@ fn failed(error: &CallError, json: bool) -> ExitCode {
             "outcome_unknown": error.outcome_unknown,
             "trace_id": error.trace_id,
         });
-        println!("{out}");
+        eprintln!("{out}");
     } else {
         eprintln!("error: {error}");
         if let Some(trace_id) = &error.trace_id {
@@ -330,6 +369,11 @@ fn print_order(json: bool, result: Result<Answer<Order>, CallError>) -> ExitCode
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "orderctl", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let config = match client_config(&cli.connection) {
         Ok(config) => config,
         Err(e) => {
@@ -389,11 +433,14 @@ async fn main() -> ExitCode {
             let lookup = match (id, key) {
                 (Some(id), _) => Lookup::OrderId(id),
                 (None, Some(key)) => Lookup::ClientRequestId(key),
-                (None, None) => unreachable!("clap requires --id or --key"),
+                (None, None) => {
+                    eprintln!("error: one of --id or --key is required");
+                    return ExitCode::from(2);
+                }
             };
             print_order(json, client.get_order(GetOrderRequest { lookup: Some(lookup) }).await)
         }
-        Command::List { symbol, status, page_size, page_token } => {
+        Command::List { symbol, status, page_size, page_token, all } => {
             let request = ListOrdersRequest {
                 page_size,
                 page_token,
@@ -404,7 +451,9 @@ async fn main() -> ExitCode {
                     Some(StatusArg::Canceled) => OrderStatus::Canceled,
                 } as i32,
             };
-            match client.list_orders(request).await {
+            let listed =
+                if all { list_all(&mut client, request).await } else { client.list_orders(request).await };
+            match listed {
                 Ok(answer) => {
                     let page = &answer.value;
                     let value = json!({
@@ -427,7 +476,26 @@ async fn main() -> ExitCode {
         Command::Cancel { id } => {
             print_order(json, client.cancel_order(CancelOrderRequest { order_id: id }).await)
         }
-        Command::Health { .. } | Command::Bench(_) => unreachable!("handled above"),
+        Command::Health { .. } | Command::Bench(_) | Command::Completions { .. } => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+/// Every page of a listing, as one page; the attempts are the last page's.
+async fn list_all(
+    client: &mut OrderClient,
+    mut request: ListOrdersRequest,
+) -> Result<Answer<order_client::proto::ListOrdersResponse>, CallError> {
+    let mut orders = Vec::new();
+    loop {
+        let mut page = client.list_orders(request.clone()).await?;
+        orders.append(&mut page.value.orders);
+        if page.value.next_page_token.is_empty() {
+            page.value.orders = orders;
+            return Ok(page);
+        }
+        request.page_token = std::mem::take(&mut page.value.next_page_token);
     }
 }
 
@@ -446,7 +514,7 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
         }
         client.check(request).await.map(|r| r.into_inner().status())
     };
-    match tokio::time::timeout(config.retry.attempt_timeout, result).await {
+    match tokio::time::timeout(config.retry.total_timeout, result).await {
         Ok(Ok(status)) => {
             let name = status.as_str_name();
             if json {
@@ -468,7 +536,10 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
         }
         Err(_) => failed(
             &CallError {
-                status: tonic::Status::deadline_exceeded("no answer"),
+                status: tonic::Status::deadline_exceeded(format!(
+                    "no answer within {}",
+                    humantime::format_duration(config.retry.total_timeout)
+                )),
                 attempts: 1,
                 client_request_id: None,
                 outcome_unknown: false,
