@@ -20,6 +20,7 @@ mod place_order;
 mod properties;
 mod races;
 mod security;
+mod service_config;
 mod shutdown;
 mod soak;
 mod traces;
