@@ -211,9 +211,16 @@ async fn orderctl_takes_host_port_and_refuses_a_malformed_address_at_once(engine
             .unwrap();
         assert!(out.status.success(), "{addr}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    for bad in
-        ["local host:50051", "127.0.0.1", "http://127.0.0.1:port", "ftp://127.0.0.1:21", "http://h:1/path"]
-    {
+    let bad_addresses = [
+        "local host:50051",
+        "127.0.0.1",
+        "http://127.0.0.1:port",
+        "ftp://127.0.0.1:21",
+        "http://h:1/path",
+        "127.0.0.1:0",
+        "user@127.0.0.1:50051",
+    ];
+    for bad in bad_addresses {
         let started = std::time::Instant::now();
         let out = tokio::process::Command::new(crate::helpers::orderctl())
             .args(["--addr", bad, "--timeout", "30s", "list"])
@@ -225,6 +232,92 @@ async fn orderctl_takes_host_port_and_refuses_a_malformed_address_at_once(engine
         assert!(stderr.contains("--addr"), "{bad}: {stderr}");
         assert!(started.elapsed() < std::time::Duration::from_secs(5), "{bad}: refused at once, not retried");
     }
+    let orderctl = |args: &[&str]| {
+        let mut command = std::process::Command::new(crate::helpers::orderctl());
+        command.env_remove("ORDERCTL_JSON").env_remove("TRACEPARENT").args(args);
+        command
+    };
+    // Plain text asked for TLS settings: a usage error, not a token in clear.
+    let out = orderctl(&["--addr", &format!("http://{}", app.addr), "--ca-cert", "/dev/null", "health"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    // With --json, a usage error is JSON on stderr too.
+    let out = orderctl(&["--json", "--addr", "bad", "health"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let error: serde_json::Value = serde_json::from_slice(&out.stderr).expect("a JSON error on stderr");
+    assert_eq!(error["error"]["code"], "InvalidArgument");
+    // bench takes HOST:PORT as every other command does.
+    let addr = app.addr.to_string();
+    let out = orderctl(&["--addr", &addr, "bench", "--duration", "200ms", "--concurrency", "1", "--noop"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // ORDERCTL_JSON takes 1/yes as true; a malformed inherited TRACEPARENT
+    // is ignored with a warning.
+    let out = orderctl(&["--addr", &addr, "health"])
+        .env("ORDERCTL_JSON", "1")
+        .env("TRACEPARENT", "garbage")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(health["status"], "SERVING");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ignoring TRACEPARENT"));
+    // An answer that cannot be printed (a full disk) loses no key: the
+    // placed order's key goes to stderr.
+    let before = app.count("orders").await;
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = orderctl(&[
+        "--addr",
+        &addr,
+        "place",
+        "--symbol",
+        "IBM",
+        "--side",
+        "buy",
+        "--quantity",
+        "1",
+        "--type",
+        "market",
+    ])
+    .stdout(full)
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the order is placed, with key"), "{stderr}");
+    assert_eq!(app.count("orders").await, before + 1);
+}
+
+/// `--timeout` bounds `list --all` as a whole, not each page: 3000 pages
+/// of one order cannot all come within 200 ms.
+#[tokio::test]
+async fn orderctl_timeout_bounds_every_page_of_list_all() {
+    let app = spawn_app(Engine::Sqlite).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for chunk in 0..16 {
+        let mut client = order_service::proto::order_service_client::OrderServiceClient::new(
+            crate::helpers::channel(app.addr).await,
+        );
+        calls.spawn(async move {
+            for _ in (chunk..3000).step_by(16) {
+                client.place_order(crate::helpers::limit_order(&crate::helpers::new_key())).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(crate::helpers::orderctl())
+        .args(["--addr", &app.addr.to_string(), "--timeout", "200ms", "list", "--all", "--page-size", "1"])
+        .output()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(4), "gave up: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(took < std::time::Duration::from_millis(1500), "took {took:?}");
 }
 
 /// `--timeout` bounds the whole command, retries included, `health` too:

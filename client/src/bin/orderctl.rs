@@ -55,7 +55,8 @@ struct Connection {
     #[arg(long, global = true, env = "ORDERCTL_TLS_DOMAIN")]
     tls_domain: Option<String>,
     /// Print JSON instead of text (errors too, on stderr).
-    #[arg(long, global = true, env = "ORDERCTL_JSON")]
+    #[arg(long, global = true, env = "ORDERCTL_JSON", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
     json: bool,
     /// Give up after this long, every retry included.
     #[arg(long, global = true, env = "ORDERCTL_TIMEOUT", default_value = "20s",
@@ -64,20 +65,30 @@ struct Connection {
     /// W3C traceparent of the trace to continue (00-TRACE_ID-SPAN_ID-FLAGS);
     /// without it each command starts a sampled trace of its own. Its trace
     /// id is printed with --json, and on failure.
-    #[arg(long, global = true, env = "TRACEPARENT")]
+    /// (Without the flag, the TRACEPARENT environment variable; a malformed
+    /// one there is ignored with a warning.)
+    #[arg(long, global = true)]
     traceparent: Option<String>,
 }
 
 /// The trace to continue: none when `--traceparent` / `TRACEPARENT` is
 /// unset or empty.
 fn trace_parent(c: &Connection) -> Result<Option<TraceParent>, String> {
-    match c.traceparent.as_deref().map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(value) => TraceParent::parse(value).map(Some).ok_or_else(|| {
-            format!(
-                "invalid --traceparent {value:?}: expected 00-<32 hex digits>-<16 hex digits>-<2 hex digits>"
-            )
-        }),
+    let expected = "expected 00-<32 hex digits>-<16 hex digits>-<2 hex digits>";
+    if let Some(value) = c.traceparent.as_deref().map(str::trim) {
+        return TraceParent::parse(value)
+            .map(Some)
+            .ok_or_else(|| format!("invalid --traceparent {value:?}: {expected}"));
+    }
+    // Inherited from whatever started orderctl: a malformed one must not
+    // stop every command.
+    let inherited = std::env::var("TRACEPARENT").unwrap_or_default();
+    match inherited.trim() {
+        "" => Ok(None),
+        value => Ok(TraceParent::parse(value).or_else(|| {
+            eprintln!("warning: ignoring TRACEPARENT {value:?} ({expected})");
+            None
+        })),
     }
 }
 
@@ -212,6 +223,15 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
 /// error, found before any connection is tried.
 fn endpoint_uri(addr: &str, tls: bool) -> Result<String, String> {
     let addr = addr.trim();
+    let usage = || format!("invalid --addr {addr:?}: expected HOST:PORT or http(s)://HOST:PORT");
+    if addr.contains('@') || addr.contains('#') {
+        return Err(usage());
+    }
+    if tls && addr.to_ascii_lowercase().starts_with("http://") {
+        return Err(format!(
+            "--addr {addr:?} is plain text, but --ca-cert or --cert asks for TLS: use https://"
+        ));
+    }
     let uri = if addr.contains("://") {
         addr.to_owned()
     } else {
@@ -223,8 +243,8 @@ fn endpoint_uri(addr: &str, tls: bool) -> Result<String, String> {
     let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
     let host_ok = parsed.host().is_some_and(|h| !h.is_empty());
     let path_ok = matches!(parsed.path(), "" | "/") && parsed.query().is_none();
-    if !scheme_ok || !host_ok || !path_ok || parsed.port_u16().is_none() {
-        return Err(format!("invalid --addr {addr:?}: expected HOST:PORT or http(s)://HOST:PORT"));
+    if !scheme_ok || !host_ok || !path_ok || parsed.port_u16().is_none_or(|port| port == 0) {
+        return Err(usage());
     }
     Ok(uri)
 }
@@ -342,16 +362,35 @@ fn failed(error: &CallError, json: bool) -> ExitCode {
     })
 }
 
-fn print<T>(json: bool, answer: &Answer<T>, as_json: serde_json::Value, text: String) {
+/// Writes one answer to stdout. A reader that went away (`| head`) ends
+/// the command quietly; any other failure (a full disk) is reported on
+/// stderr with `lost`: what must not be lost, such as a placed order's key.
+fn emit(line: &str, lost: &str) -> ExitCode {
+    use std::io::Write as _;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot print the answer ({e}){lost}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print<T>(json: bool, answer: &Answer<T>, as_json: serde_json::Value, text: String) -> ExitCode {
+    let lost = match &answer.client_request_id {
+        Some(key) => format!("; the order is placed, with key {key}"),
+        None => String::new(),
+    };
     if json {
         let mut out = as_json;
         out["attempts"] = answer.attempts.into();
         if let Some(trace_id) = &answer.trace_id {
             out["trace_id"] = trace_id.as_str().into();
         }
-        println!("{out}");
+        emit(&out.to_string(), &lost)
     } else {
-        println!("{text}");
+        emit(&text, &lost)
     }
 }
 
@@ -359,8 +398,7 @@ fn print<T>(json: bool, answer: &Answer<T>, as_json: serde_json::Value, text: St
 fn print_order(json: bool, result: Result<Answer<Order>, CallError>) -> ExitCode {
     match result {
         Ok(answer) => {
-            print(json, &answer, json!({ "order": order_json(&answer.value) }), order_text(&answer.value));
-            ExitCode::SUCCESS
+            print(json, &answer, json!({ "order": order_json(&answer.value) }), order_text(&answer.value))
         }
         Err(e) => failed(&e, json),
     }
@@ -377,7 +415,11 @@ async fn main() -> ExitCode {
     let config = match client_config(&cli.connection) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("error: {e}");
+            if cli.connection.json {
+                eprintln!("{}", json!({ "error": { "code": "InvalidArgument", "message": e } }));
+            } else {
+                eprintln!("error: {e}");
+            }
             return ExitCode::from(2);
         }
     };
@@ -423,8 +465,7 @@ async fn main() -> ExitCode {
                     let mut value = json!({ "order": order_json(&order), "replayed": replayed });
                     value["client_request_id"] = answer.client_request_id.clone().into();
                     let note = if replayed { "  (replayed: placed earlier with this key)" } else { "" };
-                    print(json, &answer, value, format!("{}{note}", order_text(&order)));
-                    ExitCode::SUCCESS
+                    print(json, &answer, value, format!("{}{note}", order_text(&order)))
                 }
                 Err(e) => failed(&e, json),
             }
@@ -451,8 +492,11 @@ async fn main() -> ExitCode {
                     Some(StatusArg::Canceled) => OrderStatus::Canceled,
                 } as i32,
             };
-            let listed =
-                if all { list_all(&mut client, request).await } else { client.list_orders(request).await };
+            let listed = if all {
+                list_all(&mut client, request, cli.connection.timeout).await
+            } else {
+                client.list_orders(request).await
+            };
             match listed {
                 Ok(answer) => {
                     let page = &answer.value;
@@ -482,20 +526,40 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Every page of a listing, as one page; the attempts are the last page's.
+/// Every page of a listing, as one page, within `timeout` for them all
+/// (each page's retries included); the attempts are all the pages'.
 async fn list_all(
     client: &mut OrderClient,
     mut request: ListOrdersRequest,
+    timeout: Duration,
 ) -> Result<Answer<order_client::proto::ListOrdersResponse>, CallError> {
     let mut orders = Vec::new();
-    loop {
-        let mut page = client.list_orders(request.clone()).await?;
-        orders.append(&mut page.value.orders);
-        if page.value.next_page_token.is_empty() {
-            page.value.orders = orders;
-            return Ok(page);
+    let mut attempts = 0;
+    let every_page = async {
+        loop {
+            let mut page = client.list_orders(request.clone()).await?;
+            attempts += page.attempts;
+            orders.append(&mut page.value.orders);
+            if page.value.next_page_token.is_empty() {
+                page.value.orders = std::mem::take(&mut orders);
+                page.attempts = attempts;
+                return Ok(page);
+            }
+            request.page_token = std::mem::take(&mut page.value.next_page_token);
         }
-        request.page_token = std::mem::take(&mut page.value.next_page_token);
+    };
+    match tokio::time::timeout(timeout, every_page).await {
+        Ok(listed) => listed,
+        Err(_) => Err(CallError {
+            status: tonic::Status::deadline_exceeded(format!(
+                "not every page within {}",
+                humantime::format_duration(timeout)
+            )),
+            attempts,
+            client_request_id: None,
+            outcome_unknown: false,
+            trace_id: None,
+        }),
     }
 }
 
@@ -518,9 +582,12 @@ async fn health(config: &ClientConfig, service: &str, json: bool) -> ExitCode {
         Ok(Ok(status)) => {
             let name = status.as_str_name();
             if json {
-                println!("{}", json!({ "service": service, "status": name, "trace_id": trace_id }));
+                emit(&json!({ "service": service, "status": name, "trace_id": trace_id }).to_string(), "");
             } else {
-                println!("{name}");
+                emit(name, "");
+                if name != "SERVING" {
+                    eprintln!("error: {service:?} is {name}");
+                }
             }
             if name == "SERVING" { ExitCode::SUCCESS } else { ExitCode::from(3) }
         }
@@ -558,8 +625,15 @@ async fn run_bench(c: &Connection, b: &Bench) -> ExitCode {
     } else {
         bench::Mode::Place { duplicate_ratio: b.duplicate_ratio.clamp(0.0, 1.0) }
     };
+    let endpoint = match endpoint_uri(&c.addr, false) {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let config = bench::BenchConfig {
-        endpoint: c.addr.clone(),
+        endpoint,
         token: c.token.clone(),
         mode,
         concurrency: b.concurrency.max(1),

@@ -82,7 +82,12 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(options.lock_timeout)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // SQLite's temporary files (a batch's statement journals) stay in
+            // memory: in a container with a read-only root filesystem there
+            // is no writable /tmp, and every batched write failed with
+            // SQLITE_IOERR_GETTEMPPATH.
+            .pragma("temp_store", "memory");
         // SQLite has no migration lock: servers starting together on one file
         // would race to switch it to WAL and to apply the same migration. Take
         // turns on a lock file beside the database while setting it up.
@@ -322,6 +327,21 @@ mod tests {
         assert_eq!(found[&wanted[0]].fingerprint, Some(order(shared, "AAPL").fingerprint().0.to_vec()));
         assert!(found[&wanted[0]].live && found[&wanted[1]].live);
         assert!(!found.contains_key(&wanted[2]) && !found.contains_key(&wanted[4]));
+    }
+
+    /// Temporary files are never needed: every connection keeps them in
+    /// memory (a read-only root filesystem has no /tmp for them).
+    #[tokio::test]
+    async fn every_connection_keeps_temporary_files_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("orders.db").display());
+        let store = SqliteStore::connect(&url, &StoreOptions::default()).await.unwrap();
+        for pool in [&store.writer, &store.reader] {
+            let mut conn = pool.acquire().await.unwrap();
+            let temp_store: i64 =
+                sqlx::query_scalar("pragma temp_store").fetch_one(&mut *conn).await.unwrap();
+            assert_eq!(temp_store, 2, "2 is MEMORY");
+        }
     }
 
     /// The largest batch the flags allow fits in SQLite's statements: every
