@@ -21,20 +21,11 @@ pub struct TraceParent {
 }
 
 impl TraceParent {
-    /// A new trace, with a random trace id and span id.
+    /// A new trace, with a random trace id and span id (the OS's random
+    /// source, by way of UUID v4s: 122 random bits are plenty).
     pub fn start(sampled: bool) -> Self {
-        let mut bytes = [0u8; 24];
-        // getrandom fails only where no entropy source exists at all.
-        if getrandom::fill(&mut bytes).is_err() {
-            let seed = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos());
-            bytes[..16].copy_from_slice(&seed.to_le_bytes());
-            bytes[16..].copy_from_slice(&(seed as u64 ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes());
-        }
-        let (trace, span) = bytes.split_at(16);
-        let trace_id = u128::from_le_bytes(trace.try_into().unwrap_or_default()).max(1);
-        let parent_id = u64::from_le_bytes(span.try_into().unwrap_or_default()).max(1);
+        let trace_id = uuid::Uuid::new_v4().as_u128();
+        let parent_id = uuid::Uuid::new_v4().as_u64_pair().1.max(1);
         Self { trace_id, parent_id, sampled, state: None }
     }
 

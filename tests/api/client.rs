@@ -295,20 +295,10 @@ async fn orderctl_takes_host_port_and_refuses_a_malformed_address_at_once(engine
 #[tokio::test]
 async fn orderctl_timeout_bounds_every_page_of_list_all() {
     let app = spawn_app(Engine::Sqlite).await;
-    let mut calls = tokio::task::JoinSet::new();
-    for chunk in 0..16 {
-        let mut client = order_service::proto::order_service_client::OrderServiceClient::new(
-            crate::helpers::channel(app.addr).await,
-        );
-        calls.spawn(async move {
-            for _ in (chunk..3000).step_by(16) {
-                client.place_order(crate::helpers::limit_order(&crate::helpers::new_key())).await.unwrap();
-            }
-        });
-    }
-    while let Some(done) = calls.join_next().await {
-        done.unwrap();
-    }
+    crate::helpers::place_concurrently(app.addr, 3000, 16, |_| {
+        tonic::Request::new(crate::helpers::limit_order(&crate::helpers::new_key()))
+    })
+    .await;
     let started = std::time::Instant::now();
     let out = tokio::process::Command::new(crate::helpers::orderctl())
         .args(["--addr", &app.addr.to_string(), "--timeout", "200ms", "list", "--all", "--page-size", "1"])

@@ -15,7 +15,7 @@ use crate::{
     helpers::process::ServerProcess,
     helpers::{
         Engine, RawCodec, TestDatabase, channel, closed_by_server, engine_tests, limit_order, new_key,
-        raw_h2, read_until_closed, spawn_app,
+        raw_h2, read_until_closed, spawn_app, tokens_file,
     },
 };
 
@@ -236,9 +236,7 @@ async fn connections_over_the_cap_are_closed_at_once_and_counted() {
 async fn out_of_descriptors_accepts_back_off_and_health_still_answers() {
     let database = TestDatabase::new(Engine::Sqlite).await;
     let dir = tempfile::tempdir().unwrap();
-    let (token, line) = order_service::api::new_token("alice").unwrap();
-    let tokens = dir.path().join("tokens");
-    std::fs::write(&tokens, format!("{line}\n")).unwrap();
+    let (token, tokens) = tokens_file(dir.path(), "alice");
     let server = ServerProcess::start_with_nofile(
         128,
         &[

@@ -10,7 +10,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
     helpers::process::ServerProcess,
-    helpers::{RawCodec, channel, limit_order, new_key},
+    helpers::{RawCodec, channel, limit_order, new_key, tokens_file},
 };
 
 /// `GET /metrics` over a plain HTTP/1.1 connection; the body.
@@ -130,9 +130,7 @@ async fn metrics_parse_and_outcome_counters_move_with_calls() {
 async fn every_log_line_is_json_with_the_rpc_fields_and_no_secret() {
     let db = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", db.path().join("orders.db").display());
-    let (token, line) = order_service::api::new_token("checkout").unwrap();
-    let tokens = db.path().join("tokens");
-    std::fs::write(&tokens, format!("{line}\n")).unwrap();
+    let (token, tokens) = tokens_file(db.path(), "checkout");
     let mut server = ServerProcess::start(&[
         "--database-url",
         &url,

@@ -12,7 +12,7 @@ use tonic::{Code, Request};
 
 use crate::helpers::{
     Collector, Engine, Exported, ServerProcess, TestDatabase, channel, engine_tests, limit_order, new_key,
-    orderctl,
+    orderctl, place_concurrently, tokens_file,
 };
 
 /// The environment that turns traces on, exporting to `endpoint` quickly.
@@ -53,9 +53,7 @@ const CALLER_SPAN: &str = "00f067aa0ba902b7";
 async fn a_traced_place_order_continues_the_callers_trace_to_the_database(engine: Engine) {
     let db = TestDatabase::new(engine).await;
     let dir = tempfile::tempdir().unwrap();
-    let (token, line) = order_service::api::new_token("checkout").unwrap();
-    let tokens = dir.path().join("tokens");
-    std::fs::write(&tokens, format!("{line}\n")).unwrap();
+    let (token, tokens) = tokens_file(dir.path(), "checkout");
     let mut collector = Collector::start().await;
     let env = traced(&collector.endpoint());
     let mut server = ServerProcess::start_with_env(
@@ -248,37 +246,20 @@ async fn orderctl_starts_a_trace_or_continues_traceparent() {
     collector.stop().await;
 }
 
-/// Places `n` orders, 16 at a time; every one must succeed.
+/// Places `n` orders, 16 at a time, each with a 10 s deadline; every one
+/// must succeed.
 async fn place_many(server: &ServerProcess, n: usize) {
-    let client = OrderServiceClient::new(channel(server.addr).await);
-    let mut calls = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let mut client = client.clone();
-        if calls.len() >= 16 {
-            calls.join_next().await.unwrap().unwrap();
-        }
-        calls.spawn(async move {
-            let mut request = Request::new(limit_order(&new_key()));
-            request.set_timeout(Duration::from_secs(10));
-            client.place_order(request).await.unwrap_or_else(|e| panic!("call {i}: {e:?}"));
-        });
-    }
-    while let Some(done) = calls.join_next().await {
-        done.unwrap();
-    }
+    place_concurrently(server.addr, n, 16, |_| {
+        let mut request = Request::new(limit_order(&new_key()));
+        request.set_timeout(Duration::from_secs(10));
+        request
+    })
+    .await;
 }
 
 /// Waits (bounded) until the server has counted dropped spans for `reason`.
 async fn until_spans_dropped(server: &ServerProcess, reason: &str) -> f64 {
-    let sample = format!("orders_trace_spans_dropped_total{{reason=\"{reason}\"}}");
-    for _ in 0..500 {
-        let dropped = server.metric(&sample).await;
-        if dropped > 0.0 {
-            return dropped;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no span was counted as dropped for {reason}");
+    server.until_metric(&format!("orders_trace_spans_dropped_total{{reason=\"{reason}\"}}"), 1.0).await
 }
 
 /// With the collector stopped (connections refused), or silent (accepts
@@ -357,20 +338,13 @@ async fn unsampled_callers_export_nothing_and_malformed_trace_headers_start_new_
     let env = traced(&collector.endpoint());
     let server = ServerProcess::start_with_env(&env_refs(&env), &["--database-url", &url]).await;
 
-    let mut unsampled = tokio::task::JoinSet::new();
-    for i in 0..40u32 {
-        let addr = server.addr;
-        unsampled.spawn(async move {
-            let mut client = OrderServiceClient::new(channel(addr).await);
-            let mut request = Request::new(limit_order(&new_key()));
-            let traceparent = format!("00-{:032x}-{:016x}-00", 0xabc0_0000 + i, 0xdef0 + i);
-            request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
-            client.place_order(request).await.unwrap();
-        });
-    }
-    while let Some(done) = unsampled.join_next().await {
-        done.unwrap();
-    }
+    place_concurrently(server.addr, 40, 40, |i| {
+        let mut request = Request::new(limit_order(&new_key()));
+        let traceparent = format!("00-{:032x}-{:016x}-00", 0xabc0_0000 + i, 0xdef0 + i);
+        request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+        request
+    })
+    .await;
     let sampled = place_with(&server, &[("traceparent", &format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))]).await;
     let spans = collector
         .until("the sampled call's server span", |spans| {
@@ -448,33 +422,21 @@ async fn a_large_group_commit_links_to_every_call() {
     sqlx::raw_sql("begin exclusive").execute(&mut lock).await.unwrap();
 
     let n = 150;
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..n {
-        let addr = server.addr;
-        calls.spawn(async move {
-            let mut client = OrderServiceClient::new(channel(addr).await);
-            let mut request = Request::new(limit_order(&new_key()));
-            request.set_timeout(Duration::from_secs(60));
-            client.place_order(request).await.unwrap();
-        });
-    }
+    let calls = tokio::spawn(place_concurrently(server.addr, n, n, |_| {
+        let mut request = Request::new(limit_order(&new_key()));
+        request.set_timeout(Duration::from_secs(60));
+        request
+    }));
     let started = r#"grpc_server_started_total{grpc_type="unary",grpc_service="orders.v1.OrderService",grpc_method="PlaceOrder"}"#;
-    for _ in 0..1000 {
-        if server.metric(started).await >= f64::from(n + 1) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server.until_metric(started, (n + 1) as f64).await;
     sqlx::raw_sql("rollback").execute(&mut lock).await.unwrap();
-    while let Some(done) = calls.join_next().await {
-        done.unwrap();
-    }
+    calls.await.unwrap();
     let batch_size =
         |s: &Exported| s.attr("db.operation.batch.size").map_or(1, |n| n.parse::<usize>().unwrap());
     let spans = collector
         .until("group-commit spans covering every call", |spans| {
             let batches = spans.iter().filter(|s| s.span.name == "group_commit sqlite");
-            batches.map(batch_size).sum::<usize>() > n as usize
+            batches.map(batch_size).sum::<usize>() > n
         })
         .await;
     let batches: Vec<_> = spans.iter().filter(|s| s.span.name == "group_commit sqlite").collect();

@@ -30,6 +30,15 @@ pub fn orderctl() -> std::path::PathBuf {
     path
 }
 
+/// A fresh bearer token for `account` and the `--auth-tokens-file` in
+/// `dir` that grants it.
+pub fn tokens_file(dir: &std::path::Path, account: &str) -> (String, std::path::PathBuf) {
+    let (token, line) = order_service::api::new_token(account).unwrap();
+    let path = dir.join("tokens");
+    std::fs::write(&path, format!("{line}\n")).unwrap();
+    (token, path)
+}
+
 /// A running server process.
 pub struct ServerProcess {
     pub child: Child,
@@ -152,6 +161,19 @@ impl ServerProcess {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Waits (at most 10 s, scraping every 20 ms) until the sample reaches
+    /// `at_least`, and returns its value.
+    pub async fn until_metric(&self, sample: &str, at_least: f64) -> f64 {
+        for _ in 0..500 {
+            let value = self.metric(sample).await;
+            if value >= at_least {
+                return value;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("{sample} did not reach {at_least} within 10 s");
     }
 
     /// The value of the first sample on the metrics endpoint whose line
