@@ -1,6 +1,6 @@
 /*
  * PlaceOrder on Postgres, statement by statement, as src/store/place.rs and
- * src/store/postgres.rs run it at READ COMMITTED; checked with spin
+ * src/store/postgres/ run it at READ COMMITTED; checked with spin
  * (model/check runs every configuration and checks each verdict).
  *
  * One idempotency key, two callers (two replicas' calls, retried), a clock,
@@ -10,7 +10,8 @@
  *
  * Each step names the function it mirrors:
  *   insert_key_and_order  PlaceTx::insert_key_and_order for PgConnection: one
- *                         statement; its NOT EXISTS (an order younger than
+ *                         statement; it waits for the key's advisory lock
+ *                         (held to the transaction's end), its NOT EXISTS (an order younger than
  *                         the lifetime) is read from the statement's snapshot,
  *                         then the insert waits on the key's unique index and
  *                         does nothing if the key was committed meanwhile
@@ -20,9 +21,14 @@
  *   replace_expired_key   PlaceTx::replace_expired_key: waits on the row lock,
  *                         then re-checks the newest row version (EvalPlanQual)
  *   insert_order          PlaceTx::insert_order
- *   one_statement_path    PgStore::place_order without a transaction
+ *   batch_path            group commit (postgres/group_commit.rs): the batch's
+ *                         one statement, committed as it runs; it only tries
+ *                         the key's advisory lock, and a key it did not insert
+ *                         (locked elsewhere, stored, or the batch refused) is
+ *                         placed alone on the paths below
+ *   one_statement_path    PgStore::place_one without a transaction
  *                         (place::place_new_or_live)
- *   transaction_path      PgStore::place_order's transaction (place::place,
+ *   transaction_path      PgStore::place_one's transaction (place::place,
  *                         ROUNDS rounds, then KeyInUse)
  *   purge                 Statements::delete_expired_keys for PgStore
  *                         (statement_timestamp(), skip locked)
@@ -34,6 +40,18 @@
  *   ASYNC        with FAILOVER: the standby is asynchronous (must fail:
  *                acknowledged orders lost at failover)
  *   REUSE        the second caller sends the key with another payload
+ *   NO_BATCH     without the group-commit path (--pg-max-batch 1)
+ *   BATCH_BOTH   both callers' first attempts may ride a batch (by default
+ *                only the first caller's does: the bound that fits minutes)
+ *   NO_ADVISORY  the ordinary paths without the advisory lock (a replica of
+ *                a version before group commit, in a rolling upgrade): a
+ *                batch can meet a key row they hold, waits out its short
+ *                lock wait, is refused and places the key alone. The
+ *                mutants below run with NO_BATCH NO_ADVISORY: the ordinary
+ *                path must stand on its own unique index and re-checks
+ *   NO_TRY_LOCK  mutant: the batch inserts without trying the key's advisory
+ *                lock, and meets a key row another call holds: the batch
+ *                would wait for it (must fail: "the batch never waits")
  *   NO_UNIQUE    mutant: no unique index to wait on (must fail)
  *   NO_RECHECK   mutant: replace_expired_key without the re-check (must fail)
  *   PURGE_AHEAD  mutant: the purge's clock runs ahead of the deciding clock,
@@ -51,7 +69,7 @@
 #define NCALLERS  2
 #define TTL       1
 #define MAXNOW    2
-#define MAXORDERS 6
+#define MAXORDERS 8
 #define ROUNDS    3
 #define ATTEMPTS  2
 #define NONE      255
@@ -68,6 +86,7 @@ byte now = 0;               /* the database server's clock */
 bool key_exists;
 byte key_fp, key_order, key_expire;
 byte key_lock = 0;           /* the transaction holding the key's row/index lock */
+byte adv = 0;                /* the transaction holding the key's advisory lock */
 bool pk_pending;             /* that transaction's key row (insert or replace) */
 byte pk_fp, pk_order, pk_expire;
 byte n_orders = 0;
@@ -105,6 +124,7 @@ inline replicate() {
 inline rollback(t) {
   atomic {
     if :: key_lock == t -> key_lock = 0; pk_pending = false :: else -> skip fi;
+    if :: adv == t -> adv = 0 :: else -> skip fi;
     for (b : 0 .. n_orders - 1) {
       if :: order_tx[b] == t -> order_tx[b] = NONE :: else -> skip fi
     }
@@ -127,6 +147,7 @@ inline commit(t) {
     :: else -> skip
     fi;
     if :: key_lock == t -> key_lock = 0 :: else -> skip fi;
+    if :: adv == t -> adv = 0 :: else -> skip fi;
     for (c : 0 .. n_orders - 1) {
       if
       :: order_tx[c] == t -> order_committed[c] = true; order_tx[c] = NONE; wrote = true; check_spacing(c)
@@ -175,15 +196,29 @@ inline insert_key_and_order(t, fp, created, timed_out) {
   }
 #else
   if
+#ifdef NO_ADVISORY
   :: atomic { (key_lock == 0 || key_lock == t) ->
+#else
+  :: atomic { (adv == 0 || adv == t) && (key_lock == 0 || key_lock == t) ->
+#endif
        if
        :: epoch != failed_over -> lost = true   /* the connection died with the old primary */
-       :: epoch == failed_over && !key_exists && !guard ->
-          key_lock = t; pk_pending = true; pk_fp = fp; add_order(t, fp, created);
-          pk_order = created; pk_expire = now + TTL
-       :: else -> skip
+       :: epoch == failed_over ->
+#ifndef NO_ADVISORY
+          adv = t;                              /* the key's advisory lock, to the end */
+#endif
+          if
+          :: !key_exists && !guard ->
+             key_lock = t; pk_pending = true; pk_fp = fp; add_order(t, fp, created);
+             pk_order = created; pk_expire = now + TTL
+          :: else -> skip
+          fi
        fi }
+#ifdef NO_ADVISORY
   :: atomic { (key_lock != 0 && key_lock != t) -> timed_out = true }
+#else
+  :: atomic { ((adv != 0 && adv != t) || (key_lock != 0 && key_lock != t)) -> timed_out = true }
+#endif
   fi
 #endif
 }
@@ -235,11 +270,80 @@ inline replace_expired_key(t, fp, replaced, timed_out) {
 
 proctype Caller(byte me; byte fp) {
   byte attempts = 0, reply, created, o, s_fp, s_order, rounds;
-  bool timed_out, s_live, same, replaced, wrote, lost, epoch, guard, stale;
+  bool timed_out, s_live, same, replaced, wrote, lost, epoch, guard, stale, took, stalled;
   byte b, c, j, n, r, y;   /* loop counters of the inlines */
   do
   :: attempts < ATTEMPTS ->
      attempts++; wrote = false; epoch = failed_over;
+#ifndef NO_BATCH
+     if
+#ifdef BATCH_BOTH
+     :: attempts == 1 ->
+#else
+     :: attempts == 1 && me == 1 ->
+#endif
+        /* (a first attempt; in the configurations that fit a few minutes,
+           the first caller's only: the other caller and retries take the
+           ordinary paths, as a call on another replica or a job sent back) */
+        /* batch_path: group commit, one statement committed as it runs
+           (postgres/group_commit.rs INSERT_BATCH); the key's advisory lock
+           only tried: a key locked elsewhere is left out, to be placed
+           alone (write_batch -> Written::Alone -> place_one) */
+        young_order(guard);
+        atomic {
+          if
+          :: epoch != failed_over -> lost = true
+          :: else ->
+             lost = false; stalled = false;
+#ifdef NO_TRY_LOCK
+             took = true;                /* mutant: the lock not tried */
+#else
+             took = (adv == 0 || adv == me);
+#endif
+             if
+             :: took ->
+                adv = me;
+                created = NONE;
+                if
+                :: key_lock != 0 && key_lock != me ->
+                   /* another call holds the key's row: the batch would wait */
+#ifndef NO_ADVISORY
+                   assert(false);  /* never, when every writer takes the advisory lock */
+#endif
+                   stalled = true  /* a writer without it: the batch's lock wait runs
+                                      out, the database refuses it, placed alone */
+                :: else -> skip
+                fi;
+                if
+                :: stalled -> skip
+                :: !stalled && !key_exists && !guard ->
+                   key_lock = me; pk_pending = true; pk_fp = fp; add_order(me, fp, created);
+                   pk_order = created; pk_expire = now + TTL
+                :: else -> skip
+                fi
+             :: else -> skip
+             fi
+          fi
+        }
+        if :: lost -> rollback(me); reply = UNKNOWN; goto answered :: else -> skip fi;
+        if :: stalled -> rollback(me); goto alone :: else -> skip fi;
+        if
+        :: took ->
+           if
+           :: true -> skip
+           :: true -> rollback(me); goto alone   /* the database refused the batch: placed alone */
+           fi;
+           CRASH_POINT(me);
+           commit(me);
+           if :: lost -> reply = UNKNOWN; goto answered :: else -> skip fi;
+           CRASH_POINT(me);
+           if :: created != NONE -> o = created; reply = ACK; goto answered :: else -> skip fi
+        :: else -> skip
+        fi
+     :: true -> skip
+     fi;
+alone:
+#endif
      if
      :: true ->
         /* one_statement_path: the insert commits on its own */
@@ -366,7 +470,7 @@ active proctype Failover() {
   :: atomic {
        failed_over = true;
        key_exists = s_key_exists; key_fp = s_key_fp; key_order = s_key_order; key_expire = s_key_expire;
-       key_lock = 0; pk_pending = false;
+       key_lock = 0; adv = 0; pk_pending = false;
        for (f : 0 .. MAXORDERS - 1) { order_committed[f] = s_order_committed[f]; order_tx[f] = NONE }
      }
   :: skip

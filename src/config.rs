@@ -32,6 +32,8 @@ pub fn is_transient(error: &std::io::Error) -> bool {
 /// The largest `--sqlite-max-batch`: a batch's order insert binds 12 values
 /// per order, and SQLite refuses a statement binding more than 32,766.
 pub const SQLITE_MAX_BATCH_LIMIT: u32 = 2048;
+/// The largest `--pg-max-batch`.
+pub const PG_MAX_BATCH_LIMIT: u32 = 2048;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -223,6 +225,17 @@ pub struct Config {
     #[arg(long, env = "ORDERS_SQLITE_MAX_BATCH", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(SQLITE_MAX_BATCH_LIMIT)))]
     pub sqlite_max_batch: u32,
+
+    /// Postgres: most PlaceOrders committed together by one group-commit
+    /// statement (one commit per batch), and most keys looked up in one
+    /// query; 1 turns batching off (every PlaceOrder on its own, as before
+    /// group commit). At most 2048. Each order of a batch holds an advisory
+    /// lock until its statement ends: keep it under Postgres's lock table
+    /// (`max_locks_per_transaction` × `max_connections`, 6,400 by default)
+    /// divided by the replicas.
+    #[arg(long, env = "ORDERS_PG_MAX_BATCH", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(PG_MAX_BATCH_LIMIT)))]
+    pub pg_max_batch: u32,
 
     /// How often the database is probed (it must answer and take writes:
     /// SQLite rewrites one row, Postgres must not be read-only); health turns

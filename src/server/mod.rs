@@ -146,6 +146,7 @@ impl Application {
             lock_timeout: config.lock_timeout,
             acquire_timeout: config.db_acquire_timeout,
             sqlite_max_batch: config.sqlite_max_batch as usize,
+            pg_max_batch: config.pg_max_batch as usize,
             clock: clock.clone(),
         };
         let store =

@@ -39,6 +39,14 @@ impl Attempt {
         }
     }
 
+    /// The write its batch claimed was not sent after all, and nothing of
+    /// it was written (its batch sent it back to be placed alone): pending
+    /// again, unless the caller gave up meanwhile. A caller that saw it sent
+    /// and was told "outcome unknown" was told the truth either way.
+    pub fn unsend(&self) {
+        let _ = self.0.compare_exchange(SENT, PENDING, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     /// The answer for a caller whose deadline passed: `DeadlineExceeded`
     /// (nothing written) if the write was not sent, else `OutcomeUnknown`.
     pub fn cut_short(&self, key: ClientRequestId) -> Error {
@@ -79,5 +87,11 @@ mod tests {
         let given_up = Attempt::default();
         assert!(given_up.abandon() && given_up.abandon());
         assert!(!given_up.send(), "an abandoned write is never sent");
+        given_up.unsend();
+        assert!(!given_up.send(), "an abandoned write stays abandoned");
+        let sent_back = Attempt::default();
+        assert!(sent_back.send());
+        sent_back.unsend();
+        assert!(sent_back.abandon(), "a write sent back can be given up again");
     }
 }

@@ -13,6 +13,7 @@
 //! read when the statement runs.
 
 mod attempt;
+mod batch;
 mod flows;
 mod place;
 mod postgres;
@@ -50,6 +51,9 @@ pub struct StoreOptions {
     /// SQLite: most PlaceOrders committed together (group commit); 1 turns
     /// batching off.
     pub sqlite_max_batch: usize,
+    /// Postgres: most PlaceOrders committed together (group commit); 1 is
+    /// the ordinary path alone.
+    pub pg_max_batch: usize,
     /// SQLite: where times come from (Postgres reads the database server's
     /// clock instead).
     pub clock: Arc<dyn Clock>,
@@ -62,6 +66,7 @@ impl Default for StoreOptions {
             lock_timeout: Duration::from_secs(5),
             acquire_timeout: Duration::from_secs(5),
             sqlite_max_batch: 256,
+            pg_max_batch: 256,
             clock: Arc::new(SystemClock),
         }
     }

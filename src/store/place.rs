@@ -43,7 +43,7 @@ pub(super) struct KeyRecord<'a> {
 impl<'a> KeyRecord<'a> {
     /// The key row of `new`, naming a freshly generated order id, and the
     /// order it creates (its times are set when it is written).
-    fn new(account: &'a AccountId, new: &NewOrder, ttl: Duration) -> (Self, Order) {
+    pub(super) fn new(account: &'a AccountId, new: &NewOrder, ttl: Duration) -> (Self, Order) {
         let record = KeyRecord {
             account_id: account,
             client_request_id: new.client_request_id,

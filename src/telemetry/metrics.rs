@@ -34,8 +34,13 @@ pub const HANDLED: &str = "grpc_server_handled_total";
 pub const MSG_RECEIVED: &str = "grpc_server_msg_received_total";
 /// Response messages sent, by type, service and method.
 pub const MSG_SENT: &str = "grpc_server_msg_sent_total";
-/// PlaceOrders written together by one SQLite group commit.
-pub const BATCH_SIZE: &str = "orders_sqlite_batch_size";
+/// PlaceOrders written together by one group commit (either engine).
+pub const BATCH_SIZE: &str = "orders_batch_size";
+/// Group-commit batches that failed whole, by `outcome`: `not_written`
+/// (every caller told so), `outcome_unknown` (the commit's answer was lost),
+/// `placed_alone` (the database refused the batch; each order placed on
+/// its own).
+pub const BATCH_FAILURES: &str = "orders_batch_failures_total";
 /// 1, labelled with the version that runs.
 pub const BUILD_INFO: &str = "orders_build_info";
 /// RPC latency by service and method.
@@ -99,6 +104,9 @@ fn handle() -> anyhow::Result<PrometheusHandle> {
     for reason in ["queue_full", "export_failed"] {
         metrics::counter!(SPANS_DROPPED, "reason" => reason).increment(0);
     }
+    for outcome in ["not_written", "outcome_unknown", "placed_alone"] {
+        metrics::counter!(BATCH_FAILURES, "outcome" => outcome).increment(0);
+    }
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -121,7 +129,8 @@ fn describe() {
     describe_counter!(TLS_HANDSHAKE_FAILURES, "TLS handshakes refused.");
     describe_counter!(TLS_RELOAD_FAILURES, "Reloads of the TLS certificate, key or client CA that failed.");
     describe_counter!(TOKEN_RELOAD_FAILURES, "Reloads of the auth tokens file that found problems.");
-    describe_histogram!(BATCH_SIZE, "PlaceOrders written together by one SQLite group commit.");
+    describe_histogram!(BATCH_SIZE, "PlaceOrders written together by one group commit.");
+    describe_counter!(BATCH_FAILURES, "Group-commit batches that failed whole, by outcome.");
     describe_gauge!(BUILD_INFO, "1, labelled with the version that runs.");
     describe_counter!(SPANS_EXPORTED, "Trace spans sent to the OTLP collector.");
     describe_counter!(
@@ -598,9 +607,14 @@ pub fn record_spans_dropped(reason: &'static str, n: u64) {
     metrics::counter!(SPANS_DROPPED, "reason" => reason).increment(n);
 }
 
-/// Records the size of one SQLite group commit.
+/// Records the size of one group commit.
 pub fn record_batch(size: usize) {
     metrics::histogram!(BATCH_SIZE).record(size as f64);
+}
+
+/// Counts one group commit that failed whole.
+pub fn record_batch_failure(outcome: &'static str) {
+    metrics::counter!(BATCH_FAILURES, "outcome" => outcome).increment(1);
 }
 
 /// Sets the pool gauges of one pool.

@@ -230,8 +230,10 @@ pub(super) fn from_env() -> anyhow::Result<Option<Tracing>> {
     // The sampler comes from OTEL_TRACES_SAMPLER (default: parentbased_always_on).
     // A group-commit span links to every call of its batch: the SDK's
     // default of 128 links would cut the larger batches short.
-    let limits =
-        SpanLimits { max_links_per_span: crate::config::SQLITE_MAX_BATCH_LIMIT, ..SpanLimits::default() };
+    let limits = SpanLimits {
+        max_links_per_span: crate::config::SQLITE_MAX_BATCH_LIMIT.max(crate::config::PG_MAX_BATCH_LIMIT),
+        ..SpanLimits::default()
+    };
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
         .with_span_limits(limits)
@@ -352,11 +354,11 @@ pub fn db_span(operation: &'static str, system: &'static str) -> Span {
     span
 }
 
-/// The span of one SQLite group commit writing `n` orders for the calls
+/// The span of one group commit on `system` (`sqlite`, `postgresql`) writing `n` orders for the calls
 /// whose database spans are `callers`: linked to each of them, and each of
 /// them to it. Its parent is the first sampled caller's span, so a sampled
 /// trace holds the batch it rode in; with traces off, no span.
-pub fn batch_span<'a>(n: usize, callers: impl Iterator<Item = &'a Span>) -> Span {
+pub fn batch_span<'a>(system: &'static str, n: usize, callers: impl Iterator<Item = &'a Span>) -> Span {
     if !enabled() {
         return Span::none();
     }
@@ -372,9 +374,9 @@ pub fn batch_span<'a>(n: usize, callers: impl Iterator<Item = &'a Span>) -> Span
     let span = tracing::info_span!(
         parent: None,
         "batch",
-        otel.name = "group_commit sqlite",
+        otel.name = %format_args!("group_commit {system}"),
         otel.kind = "client",
-        db.system.name = "sqlite",
+        db.system.name = system,
         db.operation.name = "group_commit",
         // The conventions set the batch size only on batches of two or more.
         db.operation.batch.size = (n > 1).then_some(n as i64),

@@ -230,7 +230,7 @@ async fn metrics_start_at_zero_agree_after_a_burst_and_pass_promtool() {
     assert_eq!((started, handled), (20.0, 20.0), "started and handled agree");
     assert_eq!(after[&series("grpc_server_msg_received_total")], 20.0, "one request message a call");
     assert_eq!(after[&series("grpc_server_msg_sent_total")], 20.0, "one response message a call");
-    assert!(after.keys().any(|name| name.starts_with("orders_sqlite_batch_size_count")), "batch sizes");
+    assert!(after.keys().any(|name| name.starts_with("orders_batch_size_count")), "batch sizes");
 
     let body = scrape(&metrics_addr).await;
     let mut promtool = tokio::process::Command::new("promtool")

@@ -1,9 +1,12 @@
-//! Postgres only: a duplicate waits for the call in flight with its key, the
-//! service rides out a database restart, and TLS follows the URL's sslmode.
+//! Postgres only: a duplicate waits for the call in flight with its key
+//! (and group commit leaves it out of its batch), the service rides out a
+//! database restart, and TLS follows the URL's sslmode.
 
 use std::time::Duration;
 
-use order_service::proto::{GetOrderRequest, get_order_request::Lookup};
+use order_service::proto::{
+    GetOrderRequest, get_order_request::Lookup, order_service_client::OrderServiceClient,
+};
 use sqlx::{Connection, PgConnection};
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -13,7 +16,8 @@ use tonic_health::pb::{
 };
 
 use crate::helpers::{
-    Cluster, Engine, Readiness, channel, limit_order, new_key, postgres_tests, spawn_app, spawn_app_with,
+    Cluster, Db, Engine, Readiness, ServerProcess, TestDatabase, channel, limit_order, new_key,
+    place_concurrently, postgres_tests, spawn_app, spawn_app_with,
 };
 
 /// Holds the key's row lock from another connection, as a call in flight
@@ -98,6 +102,83 @@ async fn a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use(engin
     let resp = app.place(limit_order(&key)).await;
     assert!(!resp.replayed);
     assert_eq!(app.count("orders").await, 2);
+}
+
+/// Holds the key's advisory lock from another connection, in a transaction
+/// left open, as a call in flight with the key holds it on any replica.
+async fn hold_key_lock(url: &str, key: &str) -> PgConnection {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let sql = format!("begin; select pg_advisory_xact_lock(hashtextextended('anonymous/{key}', 0));");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
+    conn
+}
+
+/// Group commit: a key in flight in another call (on another replica) is
+/// left out of the batch and waits on its own; its batch-mates are written
+/// meanwhile, no batch is refused for it, and it is placed once the other
+/// call ends. (On a server process of its own: its batch metrics are its.)
+async fn a_key_in_flight_elsewhere_never_stalls_its_batch_mates(engine: Engine) {
+    let database = TestDatabase::new(engine).await;
+    let server = ServerProcess::start(&["--database-url", &database.url]).await;
+    let db = Db::connect(&database.url).await;
+    let mut client = OrderServiceClient::new(channel(server.addr).await);
+    let key = new_key();
+    let mut holder = hold_key_lock(&database.url, &key).await;
+    let held = tokio::spawn({
+        let (key, mut client) = (key.clone(), client.clone());
+        async move { client.place_order(limit_order(&key)).await }
+    });
+    // Its batch-mates, sent with it: every one is written while the key is
+    // held (a batch that waited for it would hold them up, then be refused).
+    let others: Vec<String> = (0..64).map(|_| new_key()).collect();
+    let placing =
+        place_concurrently(server.addr, others.len(), 64, |i| tonic::Request::new(limit_order(&others[i])));
+    tokio::time::timeout(Duration::from_secs(60), placing).await.expect("the batch-mates were held up");
+    until_a_call_waits_on_a_lock(&database.url).await;
+    assert!(!held.is_finished(), "the key in flight elsewhere waits for that call");
+    assert_eq!(db.scalar("select count(*) from orders").await, 64);
+    sqlx::raw_sql("rollback").execute(&mut holder).await.unwrap();
+    let resp = held.await.unwrap().expect("placed once the other call ended").into_inner();
+    assert!(!resp.replayed);
+    assert_eq!(db.scalar("select count(*) from orders").await, 65);
+    let again = client.place_order(limit_order(&key)).await.unwrap().into_inner();
+    assert_eq!((again.replayed, again.order), (true, resp.order), "placed once");
+    for outcome in ["placed_alone", "not_written", "outcome_unknown"] {
+        let failures = format!("orders_batch_failures_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(server.metric(&failures).await, 0.0, "{failures}");
+    }
+    // (scripts/test runs the suite once more with ORDERS_PG_MAX_BATCH=1,
+    // which the server inherits: nothing is batched then.)
+    if std::env::var("ORDERS_PG_MAX_BATCH").as_deref() != Ok("1") {
+        assert!(server.metric("orders_batch_size_count").await > 0.0, "the calls were batched");
+    }
+}
+
+/// Group commit: a writer that does not take the key's advisory lock (a
+/// session by hand, a version before group commit) holds a key's row; the
+/// batch waiting on it is refused by the database after its short lock
+/// wait, and each of its orders is placed alone: only the held key fails
+/// (IDEMPOTENCY_KEY_IN_USE after its own lock wait), the others are written.
+async fn a_batch_the_database_refuses_fails_only_the_order_that_must(engine: Engine) {
+    let mut app = spawn_app_with(engine, |c| c.lock_timeout = Duration::from_secs(2)).await;
+    let url = app.config.database_url.clone();
+    let seed = new_key();
+    app.place(limit_order(&seed)).await;
+    let key = new_key();
+    let (mut holder, _) = hold_key(&url, &key).await;
+    let mut client = app.client.clone();
+    let held = tokio::spawn({
+        let key = key.clone();
+        async move { client.place_order(limit_order(&key)).await }
+    });
+    let others: Vec<String> = (0..32).map(|_| new_key()).collect();
+    place_concurrently(app.addr, others.len(), 32, |i| tonic::Request::new(limit_order(&others[i]))).await;
+    let status = held.await.unwrap().expect_err("the held key is in use");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert_eq!(status.get_error_details().error_info().expect("ErrorInfo").reason, "IDEMPOTENCY_KEY_IN_USE");
+    sqlx::raw_sql("rollback").execute(&mut holder).await.unwrap();
+    assert_eq!(app.count("orders").await, 33);
+    assert!(!app.place(limit_order(&key)).await.replayed, "nothing was written for the held key");
 }
 
 async fn calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_back(engine: Engine) {
@@ -213,4 +294,6 @@ postgres_tests!(
     a_duplicate_waits_for_the_call_in_flight_and_replays_its_order,
     a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use,
     calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_back,
+    a_key_in_flight_elsewhere_never_stalls_its_batch_mates,
+    a_batch_the_database_refuses_fails_only_the_order_that_must,
 );

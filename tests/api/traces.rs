@@ -91,15 +91,21 @@ async fn a_traced_place_order_continues_the_callers_trace_to_the_database(engine
         Engine::Postgres => "postgresql",
     };
     let db_name = format!("place_order {system}");
-    // scripts/test runs the SQLite suite once more with group commit off
-    // (ORDERS_SQLITE_MAX_BATCH=1, which the server inherits): no batch then.
-    let batched = engine == Engine::Sqlite && std::env::var("ORDERS_SQLITE_MAX_BATCH").as_deref() != Ok("1");
+    // scripts/test runs each engine's suite once more with group commit off
+    // (ORDERS_SQLITE_MAX_BATCH=1 or ORDERS_PG_MAX_BATCH=1, which the server
+    // inherits): no batch then.
+    let batch_flag = match engine {
+        Engine::Sqlite => "ORDERS_SQLITE_MAX_BATCH",
+        Engine::Postgres => "ORDERS_PG_MAX_BATCH",
+    };
+    let batched = std::env::var(batch_flag).as_deref() != Ok("1");
+    let batch_name = format!("group_commit {system}");
     let spans = collector
         .until("the PlaceOrder's server, database (and batch) spans, and the refused call's", |spans| {
             let placed = of_trace(spans, TRACE_ID);
             let complete = named(&placed, "orders.v1.OrderService/PlaceOrder").is_some()
                 && named(&placed, &db_name).is_some()
-                && (!batched || named(&placed, "group_commit sqlite").is_some());
+                && (!batched || named(&placed, &batch_name).is_some());
             complete && !of_trace(spans, refused_trace).is_empty()
         })
         .await;
@@ -132,7 +138,7 @@ async fn a_traced_place_order_continues_the_callers_trace_to_the_database(engine
     assert_eq!(db_span.span.kind, SpanKind::Client as i32);
     assert_eq!(db_span.attr("db.system.name").as_deref(), Some(system));
     if batched {
-        let batch = named(&placed_spans, "group_commit sqlite").unwrap();
+        let batch = named(&placed_spans, &batch_name).unwrap();
         assert_eq!(batch.parent_span_id(), db_span.span_id(), "the sampled caller's trace holds its batch");
         assert!(batch.links().contains(&db_span.span_id()), "the batch links to its callers: {batch:#?}");
         assert!(db_span.links().contains(&batch.span_id()), "the caller links to its batch: {db_span:#?}");

@@ -16,24 +16,19 @@
 
 use std::{str::FromStr, sync::Arc, time::Duration};
 
+use super::{
+    Placement, StoreOptions,
+    attempt::Attempt,
+    batch::{self, Queues},
+};
+use crate::{
+    clock::Clock,
+    domain::{AccountId, NewOrder, Order},
+    error::Error,
+};
 use sqlx::{
     SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-};
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
-};
-
-use self::{
-    batch::{Job, KeyLookup, Queued, batch_reader, batch_writer, closed, lock_not_taken, run_batch},
-    statements::read_keys,
-};
-use super::{Placement, StoreOptions, attempt::Attempt, place};
-use crate::{
-    clock::Clock,
-    domain::{AccountId, ClientRequestId, NewOrder, Order},
-    error::Error,
 };
 
 /// The order columns, in the order [`OrderRow`] reads them.
@@ -44,7 +39,7 @@ macro_rules! order_columns {
     };
 }
 
-mod batch;
+mod group_commit;
 mod statements;
 
 /// Orders and idempotency keys in one SQLite file.
@@ -54,19 +49,9 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// Where times come from (read under the write lock for writes).
     clock: Arc<dyn Clock>,
-    /// Where PlaceOrders queue for the group-commit writer (none when
+    /// Where PlaceOrders queue for group commit (none when
     /// `sqlite_max_batch` is 1).
-    batcher: Option<mpsc::Sender<Queued>>,
-    /// Where PlaceOrders queue to have their key looked up (none when
-    /// `sqlite_max_batch` is 1).
-    lookups: Option<mpsc::Sender<KeyLookup>>,
-}
-
-/// An idempotency key as the tables spell it: account, then the key.
-type KeyId = (String, String);
-
-fn key_id(account: &AccountId, key: ClientRequestId) -> KeyId {
-    (account.as_str().to_owned(), key.to_string())
+    queues: Option<Queues>,
 }
 
 impl SqliteStore {
@@ -123,19 +108,11 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.read_only(true))
             .await?;
-        let batching = options.sqlite_max_batch > 1;
-        let clock = options.clock.clone();
-        let batcher = batching.then(|| {
-            let (queue, jobs) = mpsc::channel(options.sqlite_max_batch * 4);
-            tokio::spawn(batch_writer(writer.clone(), clock.clone(), options.sqlite_max_batch, jobs));
-            queue
-        });
-        let lookups = batching.then(|| {
-            let (queue, lookups) = mpsc::channel(options.sqlite_max_batch * 4);
-            tokio::spawn(batch_reader(reader.clone(), clock.clone(), options.sqlite_max_batch, lookups));
-            queue
-        });
-        Ok(Self { writer, reader, clock, batcher, lookups })
+        let mut store = Self { writer, reader, clock: options.clock.clone(), queues: None };
+        if options.sqlite_max_batch > 1 {
+            store.queues = Some(Queues::start(store.clone(), options.sqlite_max_batch));
+        }
+        Ok(store)
     }
 
     pub(super) async fn place_order(
@@ -146,59 +123,7 @@ impl SqliteStore {
         lock_wait: Duration,
         attempt: &Arc<Attempt>,
     ) -> Result<(Order, Placement), Error> {
-        // A retry of a committed order needs no write lock: answer it from a
-        // reader, beside the writer.
-        let stored = match &self.lookups {
-            Some(lookups) => {
-                let (reply, answer) = oneshot::channel();
-                lookups.send((key_id(account, new.client_request_id), reply)).await.map_err(|_| closed())?;
-                answer.await.map_err(|_| closed())??
-            }
-            None => {
-                let mut reader = self.reader.acquire().await.map_err(db("reading the idempotency key"))?;
-                let key = key_id(account, new.client_request_id);
-                read_keys(&mut reader, std::slice::from_ref(&key), self.clock.now()).await?.remove(&key)
-            }
-        };
-        if let Some(replayed) = place::replay(stored, &new)? {
-            return Ok(replayed);
-        }
-        let key = new.client_request_id;
-        let lock_deadline = Instant::now() + lock_wait;
-        let job = Job {
-            account: account.clone(),
-            new,
-            ttl,
-            lock_deadline,
-            attempt: attempt.clone(),
-            span: tracing::Span::current(),
-        };
-        let Some(batcher) = &self.batcher else {
-            let mut results = run_batch(&self.writer, self.clock.as_ref(), vec![job]).await;
-            return results.pop().unwrap_or_else(|| Err(closed()));
-        };
-        let (reply, answer) = oneshot::channel();
-        batcher.send((job, reply)).await.map_err(|_| closed())?;
-        let mut answer = std::pin::pin!(answer);
-        let gone = |attempt: &Attempt| {
-            if attempt.abandon() {
-                return closed();
-            }
-            Error::OutcomeUnknown {
-                client_request_id: key,
-                deadline: false,
-                context: "waiting for the database writer",
-                source: "the database writer stopped with the batch begun".into(),
-            }
-        };
-        match tokio::time::timeout_at(lock_deadline, &mut answer).await {
-            Ok(result) => result.unwrap_or_else(|_| Err(gone(attempt))),
-            // The lock wait passed before the batch began: never written.
-            Err(_) if attempt.abandon() => Err(lock_not_taken()),
-            // The batch has begun: its answer comes with its commit, or the
-            // caller's deadline cuts the wait (outcome unknown).
-            Err(_) => answer.await.unwrap_or_else(|_| Err(gone(attempt))),
-        }
+        batch::place_order(self, self.queues.as_ref(), account, new, ttl, lock_wait, attempt).await
     }
 
     /// Ready means orders can be placed: the file answers a read, and takes a
@@ -270,8 +195,13 @@ fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::domain::{OrderType, PositiveDecimal, Side, Symbol, TimeInForce};
+    use tokio::time::Instant;
+
+    use super::{statements::read_keys, *};
+    use crate::{
+        domain::{ClientRequestId, OrderType, PositiveDecimal, Side, Symbol, TimeInForce},
+        store::batch::{GroupCommit as _, Job, KeyId, Written, key_id},
+    };
 
     fn order(key: ClientRequestId, symbol: &str) -> NewOrder {
         NewOrder {
@@ -371,6 +301,7 @@ mod tests {
                     account: account.clone(),
                     new: order(key, "AAPL"),
                     ttl: wait,
+                    lock_wait: wait,
                     lock_deadline,
                     attempt,
                     span,
@@ -378,10 +309,11 @@ mod tests {
             })
             .collect();
         let keys: Vec<KeyId> = jobs.iter().map(|job| key_id(&account, job.new.client_request_id)).collect();
-        let results = run_batch(&store.writer, store.clock.as_ref(), jobs).await;
+        let Ok(results) = store.write_batch(lock_deadline, &jobs).await else { panic!("the batch failed") };
         assert_eq!(results.len(), max);
         for result in results {
-            assert_eq!(result.expect("placed").1, Placement::Created);
+            let Written::Placed(placed) = result else { panic!("sent back") };
+            assert_eq!(placed.expect("placed").1, Placement::Created);
         }
         let mut conn = store.reader.acquire().await.unwrap();
         assert_eq!(read_keys(&mut conn, &keys, store.clock.now()).await.unwrap().len(), max);

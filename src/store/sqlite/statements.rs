@@ -8,12 +8,13 @@ use std::time::Duration;
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
-use super::{KeyId, SqliteStore, db, key_id};
+use super::{SqliteStore, db};
 use crate::{
     domain::{AccountId, ClientRequestId, Cursor, Order, OrderFilter, OrderId, PositiveDecimal, Timestamp},
     error::Error,
     store::{
         OrderRecord,
+        batch::{KeyId, key_id},
         flows::{self, Statements},
         place::{self, KeyRecord, PlaceTx, StoredKey},
     },

@@ -8,7 +8,7 @@
 //! with `IDEMPOTENCY_KEY_IN_USE`. Migrations take Postgres's advisory lock, so
 //! replicas starting together apply them once.
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -21,6 +21,7 @@ use uuid::Uuid;
 use super::{
     OrderRecord, Placement, StoreOptions,
     attempt::Attempt,
+    batch::{self, Job, Queues},
     flows::{self, Statements},
     place::{self, KeyRecord, PlaceTx, StoredKey},
 };
@@ -43,12 +44,17 @@ macro_rules! order_columns {
 /// out of the pool.
 const STALE_AFTER: Duration = Duration::from_secs(1);
 
+mod group_commit;
+
 /// Orders and idempotency keys in a Postgres database.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     /// The `lock_timeout` every connection starts with.
     lock_timeout: Duration,
+    /// Where PlaceOrders queue for group commit (none when `pg_max_batch`
+    /// is 1).
+    queues: Option<Queues>,
 }
 
 fn to_datetime(t: Timestamp) -> DateTime<Utc> {
@@ -95,7 +101,11 @@ impl PgStore {
             .connect_with(connect)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Self { pool, lock_timeout: options.lock_timeout })
+        let mut store = Self { pool, lock_timeout: options.lock_timeout, queues: None };
+        if options.pg_max_batch > 1 {
+            store.queues = Some(Queues::start(store.clone(), options.pg_max_batch));
+        }
+        Ok(store)
     }
 
     pub(super) async fn place_order(
@@ -104,8 +114,21 @@ impl PgStore {
         new: NewOrder,
         ttl: Duration,
         lock_wait: Duration,
-        attempt: &Attempt,
+        attempt: &Arc<Attempt>,
     ) -> Result<(Order, Placement), Error> {
+        batch::place_order(self, self.queues.as_ref(), account, new, ttl, lock_wait, attempt).await
+    }
+
+    /// The ordinary path of one PlaceOrder (group commit off, or a job its
+    /// batch sent back): one statement for a new key, one read for a live
+    /// one, a transaction for an expired one.
+    async fn place_one(&self, job: Job) -> Result<(Order, Placement), Error> {
+        let Job { account, new, ttl, lock_wait, lock_deadline, attempt, .. } = job;
+        let (account, attempt) = (&account, &*attempt);
+        // A job its batch sent back has waited already: it waits what is
+        // left of its lock wait.
+        let left = lock_deadline.saturating_duration_since(tokio::time::Instant::now());
+        let lock_wait = if left + Duration::from_millis(1) < lock_wait { left } else { lock_wait };
         let key = new.client_request_id;
         let mut conn = self.pool.acquire().await.map_err(db("acquiring a database connection"))?;
         // Connections start with the configured lock timeout; only a caller
@@ -300,14 +323,20 @@ impl PlaceTx for sqlx::PgConnection {
     /// One statement: the key is inserted unless it exists or an order
     /// placed with it is younger than its lifetime, and the order only if
     /// the key was; so a new order costs one round trip (and, outside a
-    /// transaction, is its own atomic transaction).
+    /// transaction, is its own atomic transaction). It first takes the
+    /// key's advisory lock (`group_commit::key_lock`) until its
+    /// transaction ends, so that a group commit on any replica skips this
+    /// key rather than wait for it.
     async fn insert_key_and_order(
         &mut self,
         key: &KeyRecord<'_>,
         order: &Order,
     ) -> Result<Option<Timestamp>, Error> {
-        let query = sqlx::query_scalar(
-            r"with now as (select clock_timestamp() as at),
+        let query = sqlx::query_scalar(concat!(
+            "with lock as (select pg_advisory_xact_lock(",
+            group_commit::key_lock!("$1", "$2"),
+            r")),
+              now as (select clock_timestamp() as at from lock),
               key as (
                   insert into idempotency_keys
                       (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
@@ -322,8 +351,8 @@ impl PlaceTx for sqlx::PgConnection {
                   quantity, limit_price, time_in_force, status, create_time, update_time)
               select $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, key.create_time, key.create_time
               from key
-              returning create_time",
-        )
+              returning create_time"
+        ))
         .bind(key.account_id.as_str())
         .bind(key.client_request_id.uuid())
         .bind(&key.fingerprint.0[..])
@@ -426,8 +455,19 @@ fn unknown_unless_answered(error: Error, key: ClientRequestId) -> Error {
         Error::Unavailable { context, source } | Error::Internal { context, source } => (context, source),
         other => return other,
     };
-    let answered = match source.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::Database(e)) => {
+    if source.downcast_ref::<sqlx::Error>().is_some_and(answered) {
+        return db_error_again(context, source);
+    }
+    Error::OutcomeUnknown { client_request_id: key, deadline: false, context, source }
+}
+
+/// Whether the server answered that the statement (or COMMIT) failed: an
+/// `ERROR`, so it was rolled back and nothing was written; or the pool gave
+/// no connection, so nothing was sent. A connection that broke, or a
+/// `FATAL`, can come after the commit was made durable.
+fn answered(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(e) => {
             let dying = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_none_or(|e| {
                 matches!(e.severity(), sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic)
             });
@@ -435,13 +475,9 @@ fn unknown_unless_answered(error: Error, key: ClientRequestId) -> Error {
                 e.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P"));
             !dying && !connection_lost
         }
-        Some(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => true,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         _ => false,
-    };
-    if answered {
-        return db_error_again(context, source);
     }
-    Error::OutcomeUnknown { client_request_id: key, deadline: false, context, source }
 }
 
 /// The error `db` made of `source`, given back unchanged.
