@@ -23,9 +23,10 @@
  *   insert_order          PlaceTx::insert_order
  *   batch_path            group commit (postgres/group_commit.rs): the batch's
  *                         one statement, committed as it runs; it only tries
- *                         the key's advisory lock, and a key it did not insert
- *                         (locked elsewhere, stored, or the batch refused) is
- *                         placed alone on the paths below
+ *                         the key's advisory lock; a key it did not insert is
+ *                         looked up after it (a live key answered: replayed or
+ *                         refused), else (locked elsewhere, expired, purged,
+ *                         or the batch refused) placed alone on the paths below
  *   one_statement_path    PgStore::place_one without a transaction
  *                         (place::place_new_or_live)
  *   transaction_path      PgStore::place_one's transaction (place::place,
@@ -339,6 +340,17 @@ proctype Caller(byte me; byte fp) {
            CRASH_POINT(me);
            if :: created != NONE -> o = created; reply = ACK; goto answered :: else -> skip fi
         :: else -> skip
+        fi;
+        /* the keys the batch did not insert, looked up after its commit
+           (group_commit.rs read_keys: key rows only): a live one answered */
+        atomic {
+          s_live = false;
+          if :: key_exists -> s_fp = key_fp; s_order = key_order; s_live = (key_expire > now) :: else -> skip fi
+        }
+        if
+        :: s_live && s_fp == fp -> o = s_order; reply = ACK; goto answered
+        :: s_live && s_fp != fp -> reply = REFUSED; goto answered
+        :: else -> skip   /* placed alone */
         fi
      :: true -> skip
      fi;

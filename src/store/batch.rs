@@ -56,6 +56,9 @@ pub(super) struct Job {
     /// How long its caller waits for a lock (the configured lock timeout,
     /// or less when its deadline is nearer).
     pub lock_wait: Duration,
+    /// Whether its caller's deadline shortened `lock_wait`: a wait that runs
+    /// out is then the deadline's (see [`Job::not_begun`]).
+    pub deadline_bound: bool,
     /// When its caller stops waiting for its write to begin. A batch waits
     /// (for SQLite's write lock, for a pooled connection) until the latest
     /// of its jobs' lock deadlines: one impatient caller never fails its
@@ -70,7 +73,7 @@ pub(super) struct Job {
 
 /// What a batch did with one job.
 pub(super) enum Written {
-    /// Answered by the batch: created, refused, or not claimed.
+    /// Answered by the batch: created, replayed, refused, or not claimed.
     Placed(Placed),
     /// Nothing of it was written, and the batch cannot answer it (its key is
     /// locked by another call, or already stored): its caller places it
@@ -82,6 +85,10 @@ pub(super) enum Written {
 pub(super) enum BatchFailure {
     /// Nothing of the batch was written: every caller is told so.
     NotWritten(Error),
+    /// The batch's write did not begin within its lock wait (no write
+    /// lock, no connection): nothing written, each job answered as
+    /// [`Job::not_begun`].
+    NotBegun,
     /// The commit was sent and its answer was lost (I/O error, disk full,
     /// the connection gone): every claimed job's outcome is unknown.
     AtCommit(BoxError),
@@ -95,6 +102,24 @@ pub(super) enum BatchFailure {
 pub(super) trait GroupCommit: Clone + Send + Sync + 'static {
     /// The engine, as OpenTelemetry's `db.system.name` spells it.
     const SYSTEM: &'static str;
+
+    /// Whether each PlaceOrder's key is looked up (by the batch reader)
+    /// before it is queued for a batch. SQLite: yes, on readers beside the
+    /// one writer, so a retry never waits for the write lock. Postgres: no,
+    /// a batch's statement finds the stored keys itself (then looks them up
+    /// in one query), which spares a new order a round trip.
+    const LOOKS_UP_FIRST: bool;
+
+    /// The configured lock timeout: a caller's lock wait shorter than it
+    /// was shortened by the caller's deadline.
+    fn lock_timeout(&self) -> Duration;
+
+    /// How many batches may be written at once. SQLite: one (one writer).
+    /// Postgres: a few, so that one batch's round trip and commit overlap
+    /// the next (the server merges their WAL flushes) and a lone caller
+    /// never waits for a batch it is not in; calls queue into a batch only
+    /// while every writer is busy.
+    const WRITERS: usize;
 
     /// Writes `jobs` as one batch: begins the write (waiting at most until
     /// `lock_deadline`), [`claim`]s the jobs whose callers still wait,
@@ -117,6 +142,16 @@ pub(super) trait GroupCommit: Clone + Send + Sync + 'static {
     /// job its batch sent back): the whole flow, its key looked up
     /// included.
     fn place_alone(&self, job: Job) -> impl Future<Output = Placed> + Send;
+}
+
+impl Job {
+    /// The answer of a job whose write did not begin in its lock wait, or
+    /// whose caller gave up before its batch began: nothing was written.
+    /// `DEADLINE_EXCEEDED` when its caller's deadline had shortened the
+    /// wait, else `UNAVAILABLE` (see [`lock_not_taken`]).
+    pub fn not_begun(&self) -> Error {
+        if self.deadline_bound { Error::DeadlineExceeded } else { lock_not_taken() }
+    }
 }
 
 /// Takes into the batch every job whose caller still waits, marking its
@@ -158,24 +193,28 @@ type KeyLookup = (KeyId, oneshot::Sender<Result<Option<StoredKey>, Error>>);
 #[derive(Debug, Clone)]
 pub(super) struct Queues {
     writes: mpsc::Sender<Queued>,
-    lookups: mpsc::Sender<KeyLookup>,
+    lookups: Option<mpsc::Sender<KeyLookup>>,
 }
 
 impl Queues {
-    /// Starts the batch writer and the batch reader of `engine`, each taking
-    /// up to `max_batch` waiting calls at once.
+    /// Starts the batch writer of `engine` and, if it looks keys up first,
+    /// its batch reader, each taking up to `max_batch` waiting calls at once.
     pub fn start<E: GroupCommit>(engine: E, max_batch: usize) -> Self {
         let (writes, queued) = mpsc::channel(max_batch * 4);
         tokio::spawn(batch_writer(engine.clone(), max_batch, queued));
-        let (lookups, keys) = mpsc::channel(max_batch * 4);
-        tokio::spawn(batch_reader(engine, max_batch, keys));
+        let lookups = E::LOOKS_UP_FIRST.then(|| {
+            let (lookups, keys) = mpsc::channel(max_batch * 4);
+            tokio::spawn(batch_reader(engine, max_batch, keys));
+            lookups
+        });
         Self { writes, lookups }
     }
 }
 
 /// Places `new` for `account`: with `queues` (group commit on), its key is
-/// looked up by the batch reader (a live key is answered from there), else
-/// it waits for the batch writer; without, it is placed alone. `attempt`
+/// looked up by the batch reader if the engine looks up first (a live key is
+/// answered from there), else it waits for the batch writer; without, it is
+/// placed alone. `attempt`
 /// says whether its write was sent.
 pub(super) async fn place_order<E: GroupCommit>(
     engine: &E,
@@ -187,11 +226,13 @@ pub(super) async fn place_order<E: GroupCommit>(
     attempt: &Arc<Attempt>,
 ) -> Placed {
     let lock_deadline = Instant::now() + lock_wait;
+    let deadline_bound = lock_wait < engine.lock_timeout();
     let job = |new| Job {
         account: account.clone(),
         new,
         ttl,
         lock_wait,
+        deadline_bound,
         lock_deadline,
         attempt: attempt.clone(),
         span: tracing::Span::current(),
@@ -201,11 +242,13 @@ pub(super) async fn place_order<E: GroupCommit>(
     };
     // A retry of a committed order needs no write: answer it from the
     // batched lookup.
-    let (reply, answer) = oneshot::channel();
-    queues.lookups.send((key_id(account, new.client_request_id), reply)).await.map_err(|_| closed())?;
-    let stored = answer.await.map_err(|_| closed())??;
-    if let Some(replayed) = place::replay(stored, &new)? {
-        return Ok(replayed);
+    if let Some(lookups) = &queues.lookups {
+        let (reply, answer) = oneshot::channel();
+        lookups.send((key_id(account, new.client_request_id), reply)).await.map_err(|_| closed())?;
+        let stored = answer.await.map_err(|_| closed())??;
+        if let Some(replayed) = place::replay(stored, &new)? {
+            return Ok(replayed);
+        }
     }
     let key = new.client_request_id;
     let (reply, answer) = oneshot::channel();
@@ -225,7 +268,9 @@ pub(super) async fn place_order<E: GroupCommit>(
     let answer = match tokio::time::timeout_at(lock_deadline, &mut answer).await {
         Ok(answer) => answer,
         // The lock wait passed before the batch began: never written.
-        Err(_) if attempt.abandon() => return Err(lock_not_taken()),
+        Err(_) if attempt.abandon() => {
+            return Err(if deadline_bound { Error::DeadlineExceeded } else { lock_not_taken() });
+        }
         // The batch has begun: its answer comes with its commit, or the
         // caller's deadline cuts the wait (outcome unknown).
         Err(_) => answer.await,
@@ -237,12 +282,18 @@ pub(super) async fn place_order<E: GroupCommit>(
     }
 }
 
-/// The batch writer: takes the first waiting PlaceOrder, then every other
-/// one already waiting (up to `max_batch`), without waiting for more, and
-/// writes them as one batch. Ends when the store is dropped.
+/// The batch writer: once one of the engine's writers is free, takes the
+/// first waiting PlaceOrder, then every other one already waiting (up to
+/// `max_batch`), without waiting for more, and writes them as one batch.
+/// Ends when the store is dropped.
 async fn batch_writer<E: GroupCommit>(engine: E, max_batch: usize, mut queue: mpsc::Receiver<Queued>) {
+    let writers = Arc::new(tokio::sync::Semaphore::new(E::WRITERS));
     let mut waiting = Vec::with_capacity(max_batch);
-    while queue.recv_many(&mut waiting, max_batch).await > 0 {
+    loop {
+        let Ok(writer) = writers.clone().acquire_owned().await else { return };
+        if queue.recv_many(&mut waiting, max_batch).await == 0 {
+            return;
+        }
         // A caller that gave up while queued, or whose lock wait passed
         // there, is told so (if it still listens); its order is never placed.
         let now = Instant::now();
@@ -253,7 +304,7 @@ async fn batch_writer<E: GroupCommit>(engine: E, max_batch: usize, mut queue: mp
                     return Some((job, reply));
                 }
                 job.attempt.abandon();
-                let _ = reply.send(Answer::Placed(Err(lock_not_taken())));
+                let _ = reply.send(Answer::Placed(Err(job.not_begun())));
                 None
             })
             .unzip();
@@ -263,10 +314,19 @@ async fn batch_writer<E: GroupCommit>(engine: E, max_batch: usize, mut queue: mp
         crate::telemetry::metrics::record_batch(jobs.len());
         let span =
             crate::telemetry::traces::batch_span(E::SYSTEM, jobs.len(), jobs.iter().map(|job| &job.span));
-        let answers = run_batch(&engine, jobs).instrument(span).await;
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            // The caller may have given up (deadline): its order still stands.
-            let _ = reply.send(answer);
+        let engine = engine.clone();
+        let write = async move {
+            let answers = run_batch(&engine, jobs).await;
+            drop(writer);
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                // The caller may have given up (deadline): its order still stands.
+                let _ = reply.send(answer);
+            }
+        };
+        if E::WRITERS == 1 {
+            write.instrument(span).await;
+        } else {
+            tokio::spawn(write.instrument(span));
         }
     }
 }
@@ -300,6 +360,7 @@ async fn run_batch<E: GroupCommit>(engine: &E, jobs: Vec<Job>) -> Vec<Answer> {
             crate::telemetry::metrics::record_batch_failure("not_written");
             fail_all(error, n).into_iter().map(Answer::Placed).collect()
         }
+        Err(BatchFailure::NotBegun) => jobs.iter().map(|job| Answer::Placed(Err(job.not_begun()))).collect(),
         Err(BatchFailure::AtCommit(error)) => {
             crate::telemetry::metrics::record_batch_failure("outcome_unknown");
             tracing::warn!(%error, orders = n, "the batch's commit failed; its outcome is unknown");
@@ -307,7 +368,7 @@ async fn run_batch<E: GroupCommit>(engine: &E, jobs: Vec<Job>) -> Vec<Answer> {
             jobs.iter()
                 .map(|job| {
                     if job.attempt.abandon() {
-                        return Answer::Placed(Err(lock_not_taken()));
+                        return Answer::Placed(Err(job.not_begun()));
                     }
                     Answer::Placed(Err(Error::OutcomeUnknown {
                         client_request_id: job.new.client_request_id,

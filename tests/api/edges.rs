@@ -23,7 +23,7 @@ use tonic::{Code, Request, Status, transport::Channel};
 
 use crate::helpers::{
     Engine, TestApp, channel, engine_tests, limit_order, new_key, postgres_tests, random_below, spawn_app,
-    spawn_servers,
+    spawn_app_with, spawn_servers,
 };
 
 /// What one PlaceOrder was told.
@@ -328,6 +328,63 @@ impl Holder {
     }
 }
 
+/// A caller whose deadline ends its wait for the database writer (SQLite's
+/// write lock held by another process; on Postgres, the one pooled
+/// connection busy) is told `DEADLINE_EXCEEDED`, nothing written, as the
+/// API promises: not `UNAVAILABLE`, which would page an operator over a
+/// healthy database (it was, for a caller queued for a group commit).
+async fn a_deadline_that_ends_the_wait_for_the_writer_answers_deadline_exceeded(engine: Engine) {
+    use sqlx::Connection;
+    let app = spawn_app_with(engine, |c| {
+        c.db_max_connections = 1;
+        c.lock_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let mut client = OrderServiceClient::new(channel(app.addr).await);
+    let held = new_key();
+    let (holder, waiting) = match engine {
+        Engine::Sqlite => (Holder::take(&app, &[]).await, None),
+        Engine::Postgres => {
+            // A call in flight elsewhere holds a key's advisory lock; this
+            // server's call for that key waits for it on the only pooled
+            // connection.
+            let mut conn = sqlx::PgConnection::connect(&app.config.database_url).await.unwrap();
+            let sql =
+                format!("begin; select pg_advisory_xact_lock(hashtextextended('anonymous/{held}', 0));");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
+            let mut waiter = client.clone();
+            let key = held.clone();
+            let call = tokio::spawn(async move { waiter.place_order(limit_order(&key)).await });
+            let mut watcher = sqlx::PgConnection::connect(&app.config.database_url).await.unwrap();
+            for attempt in 0.. {
+                let waits: i64 = sqlx::query_scalar(
+                    "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()",
+                )
+                .fetch_one(&mut watcher)
+                .await
+                .unwrap();
+                if waits > 0 {
+                    break;
+                }
+                assert!(attempt < 500, "the call for the held key never waited on its lock");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (Holder::Postgres(conn), Some(call))
+        }
+    };
+    let key = new_key();
+    let mut request = Request::new(limit_order(&key));
+    request.set_timeout(Duration::from_millis(400));
+    let status = client.place_order(request).await.expect_err("the writer was busy past the deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(!may_have_written(&status), "nothing was written: {status:?}");
+    holder.release().await;
+    if let Some(call) = waiting {
+        call.await.unwrap().expect("placed once the other call let go");
+    }
+    assert!(!orders_by_key(&app).await.contains_key(&key), "nothing was written for the key");
+}
+
 /// Callers on one connection (as a process's gRPC client shares one) whose
 /// deadlines pass while the server is busy reset their streams before the
 /// server accepted them; many such resets must not make the server close
@@ -541,6 +598,7 @@ engine_tests!(
     a_held_lock_fails_short_deadlines_truthfully_and_lets_go,
     impatient_resets_do_not_kill_a_patient_call_on_the_same_connection,
     a_keys_last_second_never_places_a_second_order_too_soon,
+    a_deadline_that_ends_the_wait_for_the_writer_answers_deadline_exceeded,
 );
 
 mod pg_only {

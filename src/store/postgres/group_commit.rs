@@ -1,6 +1,9 @@
 //! Postgres's statements for group commit (`store::batch`): a batch is one
 //! statement that commits as it runs (one round trip, one commit, one WAL
-//! flush for every order in it), and its keys are looked up by one query.
+//! flush for every order in it). Keys are not looked up before the batch: the
+//! keys it did not insert (retries, mostly) are looked up after it, in one
+//! query for all of them, and a live one is answered from there (its order,
+//! or refused if reused).
 //!
 //! # Why a batch never waits for another replica, and places each order once
 //!
@@ -18,7 +21,9 @@
 //! very expired key, one statement long, or for a writer of a version
 //! without the lock during a rolling upgrade; and at most for
 //! [`batch_lock_wait`], past which the database refuses the batch and each
-//! of its orders is placed alone.)
+//! of its orders is placed alone. That bound covers row locks, not the
+//! table locks the statement takes as it starts: a `LOCK TABLE` or DDL holds
+//! it up to the connection's lock timeout.)
 //!
 //! The lock is only about waiting. Exactly once rests, as on the ordinary
 //! path, on the key's primary key: a key row is inserted by one committed
@@ -36,7 +41,7 @@
 //! only what must fail fails. A statement whose answer was lost may have
 //! committed: every job's outcome is unknown.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -50,8 +55,8 @@ use crate::{
     error::Error,
     store::{
         Placement,
-        batch::{BatchFailure, GroupCommit, Job, KeyId, Placed, Written, claim, lock_not_taken},
-        place::{KeyRecord, StoredKey, stamped},
+        batch::{BatchFailure, GroupCommit, Job, KeyId, Placed, Written, claim, key_id},
+        place::{self, KeyRecord, StoredKey, stamped},
     },
 };
 
@@ -76,7 +81,14 @@ macro_rules! batch_lock_wait {
     };
 }
 
-/// The batch's statement: its lock wait bounded; the keys whose advisory lock it takes, inserted
+/// How much longer than the lock timeout a batch's statement may take before
+/// its writer gives up on the connection (its outcome is then unknown).
+const STATEMENT_SLACK: Duration = Duration::from_secs(1);
+
+/// The batch's statement: its lock wait bounded (each key's guard is a
+/// lateral lookup of the key's newest order, which only the index by key
+/// serves without a sort, so the plan stays a lookup by key whatever the
+/// statistics, as in `read_keys`); the keys whose advisory lock it takes, inserted
 /// unless stored or guarded; the orders of the keys it inserted; per job
 /// (its position `n`), whether its lock was taken and the creation time of
 /// its order, if created.
@@ -101,11 +113,13 @@ const INSERT_BATCH: &str = concat!(
               (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
           select l.account_id, l.client_request_id, l.fingerprint, l.order_id, now.at,
                  now.at + l.ttl * interval '1 microsecond'
-          from locked l, now
-          where not exists (
-              select 1 from orders o
+          from locked l cross join now
+          left join lateral (
+              select o.create_time from orders o
               where o.account_id = l.account_id and o.client_request_id = l.client_request_id
-                and o.create_time > now.at - l.ttl * interval '1 microsecond')
+              order by o.create_time desc limit 1) newest on true
+          where newest.create_time is null
+             or newest.create_time <= now.at - l.ttl * interval '1 microsecond'
           on conflict (account_id, client_request_id) do nothing
           returning order_id, create_time),
       placed as (
@@ -122,72 +136,142 @@ const INSERT_BATCH: &str = concat!(
 
 impl GroupCommit for PgStore {
     const SYSTEM: &'static str = "postgresql";
+    const WRITERS: usize = 4;
+    const LOOKS_UP_FIRST: bool = false;
+
+    fn lock_timeout(&self) -> Duration {
+        self.lock_timeout
+    }
 
     async fn write_batch(&self, lock_deadline: Instant, jobs: &[Job]) -> Result<Vec<Written>, BatchFailure> {
         let mut conn = match tokio::time::timeout_at(lock_deadline, self.pool.acquire()).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(BatchFailure::NotWritten(db("acquiring a database connection")(e))),
-            Err(_) => return Err(BatchFailure::NotWritten(lock_not_taken())),
+            Err(_) => return Err(BatchFailure::NotBegun),
         };
-        let mut written: Vec<Written> = jobs.iter().map(|_| Written::Placed(Err(lock_not_taken()))).collect();
+        let mut written: Vec<Written> =
+            jobs.iter().map(|job| Written::Placed(Err(job.not_begun()))).collect();
         let taken = claim(jobs);
         if taken.is_empty() {
             return Ok(written); // every caller gave up: nothing sent
         }
         let batch: Vec<&Job> = taken.iter().map(|&i| &jobs[i]).collect();
-        let created = insert_batch(&mut conn, &batch).await.map_err(|error| {
-            if answered(&error) {
-                BatchFailure::Alone(db("inserting a batch of orders")(error))
-            } else {
-                BatchFailure::AtCommit(error.into())
+        // A connection whose server stopped answering (a hung backend, a
+        // network gone silent) must not hold this writer for ever: past the
+        // bound the statement may still commit, so the outcome is unknown,
+        // and the connection is closed rather than reused.
+        let bound = self.lock_timeout + STATEMENT_SLACK;
+        let created = match tokio::time::timeout(bound, insert_batch(&mut conn, &batch)).await {
+            Ok(Ok(created)) => created,
+            Ok(Err(error)) if answered(&error) => {
+                return Err(BatchFailure::Alone(db("inserting a batch of orders")(error)));
             }
-        })?;
+            Ok(Err(error)) => return Err(BatchFailure::AtCommit(error.into())),
+            Err(_) => {
+                conn.close_on_drop();
+                let waited = humantime::format_duration(bound);
+                return Err(BatchFailure::AtCommit(
+                    format!("the database did not answer within {waited}").into(),
+                ));
+            }
+        };
+        let mut stored_keys = Vec::new();
         for (&i, created) in taken.iter().zip(created) {
             written[i] = match created {
                 Some(order) => Written::Placed(Ok((order, Placement::Created))),
-                None => Written::Alone,
+                None => {
+                    stored_keys.push(i);
+                    Written::Alone
+                }
             };
+        }
+        // The keys it did not insert (retries, mostly): looked up together,
+        // after its commit. A live one is answered from there (its order, or
+        // refused if reused); the others, or all of them if the lookup
+        // fails, are placed alone.
+        if !stored_keys.is_empty() {
+            let keys: Vec<KeyId> = stored_keys
+                .iter()
+                .map(|&i| key_id(&jobs[i].account, jobs[i].new.client_request_id))
+                .collect();
+            match tokio::time::timeout(bound, read_keys(&mut conn, &keys)).await {
+                Ok(Ok(found)) => {
+                    for (&i, key) in stored_keys.iter().zip(&keys) {
+                        match place::replay(found.get(key).cloned(), &jobs[i].new) {
+                            Ok(Some(replayed)) => written[i] = Written::Placed(Ok(replayed)),
+                            Err(refused) => written[i] = Written::Placed(Err(refused)),
+                            Ok(None) => {}
+                        }
+                    }
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, orders = keys.len(), "looking up the keys a batch did not insert failed; \
+                        they are placed alone");
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        orders = keys.len(),
+                        "looking up the keys a batch did not insert took too long; \
+                        they are placed alone"
+                    );
+                    conn.close_on_drop();
+                }
+            }
         }
         Ok(written)
     }
 
-    /// One query for every key, whatever the batch's size (the keys are
-    /// bound as two arrays): live if unexpired on the database's clock.
     async fn read_keys(&self, keys: &[KeyId]) -> Result<HashMap<KeyId, StoredKey>, Error> {
-        let (accounts, ids): (Vec<&str>, Vec<Uuid>) = keys
-            .iter()
-            .filter_map(|(account, key)| Some((account.as_str(), Uuid::parse_str(key).ok()?)))
-            .unzip();
-        let rows: Vec<BatchKeyRow> = sqlx::query_as(concat!(
-            "select key_account_id, key_client_request_id, key_fingerprint, key_live, ",
-            order_columns!(),
-            r" from (select k.account_id as key_account_id, k.client_request_id::text as key_client_request_id,
-                            k.fingerprint as key_fingerprint, k.expire_time > clock_timestamp() as key_live,
-                            k.order_id as key_order_id
-                     from unnest($1::text[], $2::uuid[]) as wanted(account_id, client_request_id)
-                     join idempotency_keys k using (account_id, client_request_id)) as key
-               join orders on orders.order_id = key.key_order_id"
-        ))
-        .bind(accounts)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("reading the idempotency keys"))?;
-        rows.into_iter()
-            .map(|row| {
-                let stored = StoredKey {
-                    fingerprint: Some(row.key.key_fingerprint),
-                    live: row.key.key_live,
-                    order: row.key.order.try_into()?,
-                };
-                Ok(((row.key_account_id, row.key_client_request_id), stored))
-            })
-            .collect()
+        let mut conn = self.pool.acquire().await.map_err(db("reading the idempotency keys"))?;
+        read_keys(&mut conn, keys).await
     }
 
     async fn place_alone(&self, job: Job) -> Placed {
         self.place_one(job).await
     }
+}
+
+/// [`read_keys`]'s statement.
+const READ_KEYS: &str = concat!(
+    "select key_account_id, key_client_request_id, key_fingerprint, key_live, ",
+    order_columns!(),
+    r" from unnest($1::text[], $2::uuid[]) as wanted(wanted_account_id, wanted_client_request_id)
+           cross join lateral (
+               select k.account_id as key_account_id, k.client_request_id::text as key_client_request_id,
+                      k.fingerprint as key_fingerprint, k.expire_time > clock_timestamp() as key_live,
+                      k.order_id as key_order_id
+               from idempotency_keys k
+               where k.account_id = wanted.wanted_account_id
+                 and k.client_request_id = wanted.wanted_client_request_id
+               limit 1) as key
+           cross join lateral (select * from orders where orders.order_id = key.key_order_id limit 1) as orders"
+);
+
+/// The stored keys among `keys`, in one query whatever their number (bound
+/// as two arrays): live if unexpired on the database's clock. Each key is
+/// its own lateral lookup (`limit 1` keeps the planner from turning them
+/// into a join over the whole table): prepared statements keep one plan,
+/// made when the table may still be empty, and it must stay a lookup by key
+/// however the table grows.
+async fn read_keys(conn: &mut PgConnection, keys: &[KeyId]) -> Result<HashMap<KeyId, StoredKey>, Error> {
+    let (accounts, ids): (Vec<&str>, Vec<Uuid>) =
+        keys.iter().filter_map(|(account, key)| Some((account.as_str(), Uuid::parse_str(key).ok()?))).unzip();
+    let rows: Vec<BatchKeyRow> = sqlx::query_as(READ_KEYS)
+        .bind(accounts)
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db("reading the idempotency keys"))?;
+    rows.into_iter()
+        .map(|row| {
+            let stored = StoredKey {
+                fingerprint: Some(row.key.key_fingerprint),
+                live: row.key.key_live,
+                order: row.key.order.try_into()?,
+            };
+            Ok(((row.key_account_id, row.key_client_request_id), stored))
+        })
+        .collect()
 }
 
 /// Runs [`INSERT_BATCH`] for `jobs`: per job, its created order, or `None`
@@ -229,4 +313,158 @@ struct BatchKeyRow {
     key_client_request_id: String,
     #[sqlx(flatten)]
     key: KeyOrderRow,
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection as _;
+
+    use super::*;
+    use crate::store::{Store, StoreOptions};
+
+    /// A fresh database of its own, migrated.
+    async fn fresh_store() -> (PgStore, sqlx::PgConnection, String) {
+        let url = std::env::var("TEST_DATABASE_URL").expect("TEST_DATABASE_URL");
+        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+        let name = format!("batch_{}", Uuid::new_v4().simple());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let (base, _) = url.rsplit_once('/').unwrap();
+        let Store::Postgres(store) =
+            Store::connect(&format!("{base}/{name}"), &StoreOptions::default()).await.unwrap()
+        else {
+            unreachable!()
+        };
+        (store, admin, name)
+    }
+
+    async fn drop_store(store: PgStore, mut admin: sqlx::PgConnection, name: String) {
+        store.close().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("drop database {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+
+    fn job(key: &str, symbol: &str) -> Job {
+        use crate::domain::{
+            AccountId, ClientRequestId, NewOrder, OrderType, PositiveDecimal, Side, Symbol, TimeInForce,
+        };
+        let wait = Duration::from_secs(5);
+        Job {
+            account: AccountId::new("alice"),
+            new: NewOrder {
+                client_request_id: ClientRequestId::parse(key).unwrap(),
+                symbol: Symbol::parse(symbol).unwrap(),
+                side: Side::Buy,
+                order_type: OrderType::Limit,
+                quantity: PositiveDecimal::parse("1").unwrap(),
+                limit_price: Some(PositiveDecimal::parse("10").unwrap()),
+                time_in_force: TimeInForce::Gtc,
+            },
+            ttl: Duration::from_secs(3600),
+            lock_wait: wait,
+            deadline_bound: false,
+            lock_deadline: Instant::now() + wait,
+            attempt: Default::default(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    /// One batch answers its new keys (created), its stored keys (the
+    /// persisted order, or refused when reused with other fields) and a key
+    /// twice in it (the first created, the second its replay) from its
+    /// statement and one lookup after it; nothing goes alone.
+    #[tokio::test]
+    #[ignore = "needs TEST_DATABASE_URL; scripts/test runs it"]
+    async fn a_batch_answers_new_stored_reused_and_repeated_keys_itself() {
+        let (store, admin, name) = fresh_store().await;
+        let [stored, reused, new, twice] =
+            [1, 2, 3, 4].map(|i| format!("0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a0{i}"));
+        let seed = [job(&stored, "AAPL"), job(&reused, "AAPL")];
+        let Ok(first) = store.write_batch(Instant::now() + Duration::from_secs(5), &seed).await else {
+            panic!("the first batch failed")
+        };
+        let orders: Vec<Order> = first
+            .into_iter()
+            .map(|w| match w {
+                Written::Placed(Ok((order, Placement::Created))) => order,
+                _ => panic!("not created"),
+            })
+            .collect();
+        let jobs = [
+            job(&stored, "AAPL"),
+            job(&reused, "MSFT"),
+            job(&new, "AAPL"),
+            job(&twice, "AAPL"),
+            job(&twice, "AAPL"),
+        ];
+        let Ok(written) = store.write_batch(Instant::now() + Duration::from_secs(5), &jobs).await else {
+            panic!("the batch failed")
+        };
+        let answers: Vec<Placed> = written
+            .into_iter()
+            .map(|w| match w {
+                Written::Placed(placed) => placed,
+                Written::Alone => panic!("sent alone"),
+            })
+            .collect();
+        assert!(
+            matches!(&answers[0], Ok((order, Placement::Replayed)) if *order == orders[0]),
+            "{:?}",
+            answers[0]
+        );
+        assert!(matches!(&answers[1], Err(Error::KeyReused { .. })), "{:?}", answers[1]);
+        assert!(matches!(&answers[2], Ok((_, Placement::Created))), "{:?}", answers[2]);
+        let (Ok((created, Placement::Created)), Ok((replayed, Placement::Replayed))) =
+            (&answers[3], &answers[4])
+        else {
+            panic!("{:?} {:?}", answers[3], answers[4])
+        };
+        assert_eq!(created, replayed);
+        drop_store(store, admin, name).await;
+    }
+
+    /// The group commit's statements are prepared once per connection and
+    /// keep one plan, made on a table that may still be empty: on a fresh
+    /// database their plans must already look each key up by its index.
+    /// (The batched lookup was a hash join over the whole key table, and the
+    /// guard's lookup used the index by status, until the first analyze.)
+    #[tokio::test]
+    #[ignore = "needs TEST_DATABASE_URL; scripts/test runs it"]
+    async fn on_a_fresh_database_the_batch_statements_look_each_key_up_by_index() {
+        let (store, admin, name) = fresh_store().await;
+        let mut conn = store.pool.acquire().await.unwrap();
+        let plan =
+            async |conn: &mut PgConnection, name: &str, types: &str, sql: &str, args: &str| -> String {
+                let prepare = format!("prepare {name}({types}) as {sql}");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(prepare)).execute(&mut *conn).await.unwrap();
+                let lines: Vec<String> =
+                    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("explain execute {name}({args})")))
+                        .fetch_all(&mut *conn)
+                        .await
+                        .unwrap();
+                lines.join("\n")
+            };
+        let key = "array['a']::text[], array['0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a01']::uuid[]";
+        let lookup = plan(&mut conn, "lookup", "text[], uuid[]", READ_KEYS, key).await;
+        assert!(!lookup.contains("Seq Scan"), "{lookup}");
+        assert!(lookup.contains("idempotency_keys_pkey") && lookup.contains("orders_pkey"), "{lookup}");
+        let types = "text[], uuid[], bytea[], uuid[], bigint[], text[], text[], text[], numeric[], numeric[], text[], text[]";
+        let args = format!(
+            "{key}, array['\\x00']::bytea[], array['0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a02']::uuid[], \
+             array[1000000]::bigint[], array['X'], array['BUY'], array['LIMIT'], array[1]::numeric[], \
+             array[1]::numeric[], array['GTC'], array['NEW']"
+        );
+        let insert = plan(&mut conn, "batch", types, INSERT_BATCH, &args).await;
+        assert!(!insert.contains("Seq Scan"), "{insert}");
+        assert!(
+            insert.contains("orders_by_account_key"),
+            "the guard looks the key's orders up by key: {insert}"
+        );
+        drop(conn);
+        drop_store(store, admin, name).await;
+    }
 }

@@ -81,7 +81,17 @@ impl PgStore {
         let connect = PgConnectOptions::from_str(url)?
             .application_name("order-service")
             // Every statement waits at most this long for a row lock.
-            .options([("lock_timeout", millis_setting(options.lock_timeout))]);
+            .options([
+                ("lock_timeout", millis_setting(options.lock_timeout)),
+                // Prepared statements keep one plan: a group commit's
+                // statement takes its rows as arrays, whose custom plans
+                // Postgres keeps choosing (their estimate looks cheaper than
+                // the generic plan's), replanning it on every batch, about a
+                // millisecond of the server's CPU each time. Every statement
+                // here is by key or by index, where the generic plan is the
+                // custom one.
+                ("plan_cache_mode", "force_generic_plan".to_owned()),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             // sqlx pings every connection before handing it out: a round
@@ -321,7 +331,8 @@ fn micros(d: Duration) -> i64 {
 /// once per statement), so replicas with skewed clocks agree.
 impl PlaceTx for sqlx::PgConnection {
     /// One statement: the key is inserted unless it exists or an order
-    /// placed with it is younger than its lifetime, and the order only if
+    /// placed with it is younger than its lifetime (its newest order, looked
+    /// up by the index by key, whatever the statistics), and the order only if
     /// the key was; so a new order costs one round trip (and, outside a
     /// transaction, is its own atomic transaction). It first takes the
     /// key's advisory lock (`group_commit::key_lock`) until its
@@ -341,10 +352,11 @@ impl PlaceTx for sqlx::PgConnection {
                   insert into idempotency_keys
                       (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
                   select $1, $2, $3, $4, now.at, now.at + $5::bigint * interval '1 microsecond' from now
-                  where not exists (
-                      select 1 from orders
+                  where coalesce((
+                      select create_time from orders
                       where account_id = $1 and client_request_id = $2
-                        and create_time > now.at - $5::bigint * interval '1 microsecond')
+                      order by create_time desc limit 1
+                  ) <= now.at - $5::bigint * interval '1 microsecond', true)
                   on conflict (account_id, client_request_id) do nothing
                   returning create_time)
               insert into orders (order_id, account_id, client_request_id, symbol, side, order_type,

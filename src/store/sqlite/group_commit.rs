@@ -18,13 +18,19 @@ use crate::{
     error::Error,
     store::{
         Placement,
-        batch::{self, BatchFailure, GroupCommit, Job, KeyId, Placed, Written, claim, lock_not_taken},
+        batch::{self, BatchFailure, GroupCommit, Job, KeyId, Placed, Written, claim},
         place::{self, StoredKey},
     },
 };
 
 impl GroupCommit for SqliteStore {
     const SYSTEM: &'static str = "sqlite";
+    const WRITERS: usize = 1;
+    const LOOKS_UP_FIRST: bool = true;
+
+    fn lock_timeout(&self) -> std::time::Duration {
+        self.lock_timeout
+    }
 
     /// Runs `jobs` in one `begin immediate … commit`: one disk flush for the
     /// whole batch. A job refused for a reused key wrote nothing and leaves
@@ -36,7 +42,7 @@ impl GroupCommit for SqliteStore {
         let mut conn = match tokio::time::timeout_at(lock_deadline, self.writer.acquire()).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(BatchFailure::NotWritten(db("beginning the order transaction")(e))),
-            Err(_) => return Err(BatchFailure::NotWritten(lock_not_taken())),
+            Err(_) => return Err(BatchFailure::NotBegun),
         };
         let written = write_batch(&mut conn, self.clock.as_ref(), lock_deadline, jobs).await;
         if written.is_err() {
@@ -80,12 +86,12 @@ async fn write_batch(
     let begin = sqlx::Connection::begin_with(conn, "begin immediate");
     let mut tx = match tokio::time::timeout_at(lock_deadline, begin).await {
         Ok(tx) => tx.map_err(|e| BatchFailure::NotWritten(db("beginning the order transaction")(e)))?,
-        Err(_) => return Err(BatchFailure::NotWritten(lock_not_taken())),
+        Err(_) => return Err(BatchFailure::NotBegun),
     };
     // The lock is held: the time of every order of this batch is now, so
     // creation times follow commit order, and expiry is decided at the write.
     let now = clock.now();
-    let mut results: Vec<Placed> = jobs.iter().map(|_| Err(lock_not_taken())).collect();
+    let mut results: Vec<Placed> = jobs.iter().map(|job| Err(job.not_begun())).collect();
     let taken = claim(jobs);
     if taken.is_empty() {
         return Ok(results); // every caller gave up: roll back, nothing written

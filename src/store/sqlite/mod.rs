@@ -49,6 +49,8 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// Where times come from (read under the write lock for writes).
     clock: Arc<dyn Clock>,
+    /// How long a write waits for the file's lock.
+    lock_timeout: Duration,
     /// Where PlaceOrders queue for group commit (none when
     /// `sqlite_max_batch` is 1).
     queues: Option<Queues>,
@@ -108,7 +110,13 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.read_only(true))
             .await?;
-        let mut store = Self { writer, reader, clock: options.clock.clone(), queues: None };
+        let mut store = Self {
+            writer,
+            reader,
+            clock: options.clock.clone(),
+            lock_timeout: options.lock_timeout,
+            queues: None,
+        };
         if options.sqlite_max_batch > 1 {
             store.queues = Some(Queues::start(store.clone(), options.sqlite_max_batch));
         }
@@ -302,6 +310,7 @@ mod tests {
                     new: order(key, "AAPL"),
                     ttl: wait,
                     lock_wait: wait,
+                    deadline_bound: false,
                     lock_deadline,
                     attempt,
                     span,
