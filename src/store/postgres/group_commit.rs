@@ -136,7 +136,7 @@ const INSERT_BATCH: &str = concat!(
 
 impl GroupCommit for PgStore {
     const SYSTEM: &'static str = "postgresql";
-    const WRITERS: usize = 4;
+    const WRITERS: usize = 2;
     const LOOKS_UP_FIRST: bool = false;
 
     fn lock_timeout(&self) -> Duration {
