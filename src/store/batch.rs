@@ -238,7 +238,7 @@ pub(super) async fn place_order<E: GroupCommit>(
         span: tracing::Span::current(),
     };
     let Some(queues) = queues else {
-        return engine.place_alone(job(new)).await;
+        return place_alone(engine, job(new)).await;
     };
     // A retry of a committed order needs no write: answer it from the
     // batched lookup.
@@ -277,9 +277,35 @@ pub(super) async fn place_order<E: GroupCommit>(
     };
     match answer {
         Ok(Answer::Placed(placed)) => placed,
-        Ok(Answer::Alone(job)) => engine.place_alone(job).await,
+        Ok(Answer::Alone(job)) => place_alone(engine, job).await,
         Err(_) => Err(gone(attempt)),
     }
+}
+
+/// Places `job` alone as a task of its own, never dropped half-way: a
+/// future dropped inside a transaction (in `BEGIN`, say) can leave the
+/// pooled connection in a transaction sqlx does not know of, and the next
+/// caller's statement would run, and be acknowledged, inside it. The caller
+/// gives up by the job's attempt, which the engine heeds before sending its
+/// write.
+async fn place_alone<E: GroupCommit>(engine: &E, job: Job) -> Placed {
+    let (key, attempt) = (job.new.client_request_id, job.attempt.clone());
+    let engine = engine.clone();
+    // The caller's span (its database span when traced) goes along.
+    let placing =
+        tokio::spawn(async move { engine.place_alone(job).await }.instrument(tracing::Span::current()));
+    placing.await.unwrap_or_else(|panicked| {
+        let error = Error::internal("placing an order", panicked);
+        if attempt.abandon() {
+            return Err(error);
+        }
+        Err(Error::OutcomeUnknown {
+            client_request_id: key,
+            deadline: false,
+            context: "placing an order",
+            source: "the placing task failed after sending the write".into(),
+        })
+    })
 }
 
 /// The batch writer: once one of the engine's writers is free, takes the

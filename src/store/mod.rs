@@ -23,7 +23,6 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use rust_decimal::Decimal;
-use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -152,39 +151,18 @@ impl Store {
         // However the caller's wait ends (answered, cut short by its
         // deadline, cancelled), a write not yet sent never will be.
         let _abandon = attempt::AbandonOnDrop(&attempt);
-        // The placing runs as a task of its own, never dropped half-way: a
-        // future dropped inside a transaction (in `BEGIN`, say) can leave
-        // the pooled connection in a transaction sqlx does not know of, and
-        // the next caller's statement would run, and be acknowledged, inside
-        // it. The caller gives up by `attempt`, which the task heeds before
-        // sending its write.
-        let (store, account, task_attempt) = (self.clone(), account.clone(), attempt.clone());
-        let mut placing = tokio::spawn(
-            async move {
-                dispatch!(&store, s => s.place_order(&account, order, ttl, lock_wait, &task_attempt).await)
-            }
-            // The caller's span (its database span when traced) goes along.
-            .instrument(tracing::Span::current()),
-        );
-        let finished = match deadline {
-            None => (&mut placing).await,
-            Some(deadline) => match tokio::time::timeout_at(deadline, &mut placing).await {
-                Ok(finished) => finished,
-                Err(_) => return Err(attempt.cut_short(key)),
-            },
-        };
-        finished.unwrap_or_else(|panicked| {
-            let error = Error::internal("placing an order", panicked);
-            if attempt.abandon() {
-                return Err(error);
-            }
-            Err(Error::OutcomeUnknown {
-                client_request_id: key,
-                deadline: false,
-                context: "placing an order",
-                source: "the placing task failed after sending the write".into(),
-            })
-        })
+        // Not a task of its own: what must never be dropped half-way (a
+        // transaction) runs in one, spawned by `batch` (the batch writer, or
+        // the task placing one order alone); the caller only waits, and gives
+        // up by `attempt`, which that task heeds before sending its write.
+        let placing =
+            async { dispatch!(self, s => s.place_order(account, order, ttl, lock_wait, &attempt).await) };
+        match deadline {
+            None => placing.await,
+            Some(deadline) => tokio::time::timeout_at(deadline, placing)
+                .await
+                .unwrap_or_else(|_| Err(attempt.cut_short(key))),
+        }
     }
 
     /// The account's order with this id.
