@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use order_client::may_have_written;
 use order_service::proto::{
     GetOrderRequest, get_order_request::Lookup, order_service_client::OrderServiceClient,
 };
@@ -181,6 +182,78 @@ async fn a_batch_the_database_refuses_fails_only_the_order_that_must(engine: Eng
     assert!(!app.place(limit_order(&key)).await.replayed, "nothing was written for the held key");
 }
 
+/// Group commit: a batch whose database backend stops answering (here:
+/// stopped with SIGSTOP while it waits for a table lock) is given up after
+/// the lock timeout and a second, its callers told the outcome is unknown;
+/// the other writer keeps placing orders meanwhile, and a retry of the
+/// stuck key finds its one order once the backend runs again. (It used to
+/// hold the replica's only writer, and every PlaceOrder, for as long as
+/// the backend was stopped.)
+async fn a_batch_whose_backend_stops_answering_is_given_up_and_others_go_on(engine: Engine) {
+    if std::env::var("ORDERS_PG_MAX_BATCH").as_deref() == Ok("1") {
+        // Group commit off (scripts/test's second run): no batch to stop.
+        return;
+    }
+    let mut app = spawn_app_with(engine, |c| {
+        c.lock_timeout = Duration::from_secs(1);
+        c.db_max_connections = 4;
+    })
+    .await;
+    app.place(limit_order(&new_key())).await;
+    let url = app.config.database_url.clone();
+    let mut locker = PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("begin; lock table idempotency_keys in access exclusive mode")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let stuck = new_key();
+    let mut client = app.client.clone();
+    let call = tokio::spawn({
+        let key = stuck.clone();
+        async move { client.place_order(limit_order(&key)).await }
+    });
+    // The batch's backend, waiting for the table: stop it before its lock
+    // timeout ends the wait.
+    let mut watcher = PgConnection::connect(&url).await.unwrap();
+    let mut backend = None;
+    for _ in 0..500 {
+        backend = sqlx::query_scalar::<_, i32>(
+            "select pid from pg_stat_activity where wait_event_type = 'Lock' and query like 'with input as%'",
+        )
+        .fetch_optional(&mut watcher)
+        .await
+        .unwrap();
+        if backend.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let backend = backend.expect("the batch never waited for the table").to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill").args([name, &backend]).status().unwrap();
+        assert!(status.success(), "kill {name} {backend}");
+    };
+    signal("-STOP");
+    sqlx::raw_sql("commit").execute(&mut locker).await.unwrap();
+    // Another order goes through the other writer while that one is stuck.
+    let other =
+        tokio::time::timeout(Duration::from_secs(20), app.client.place_order(limit_order(&new_key())))
+            .await
+            .expect("the other writer placed an order while one backend was stopped");
+    let given_up = tokio::time::timeout(Duration::from_secs(20), call).await;
+    signal("-CONT");
+    other.expect("placed");
+    let status = given_up.expect("the stuck batch was given up").unwrap().expect_err("outcome unknown");
+    assert!(may_have_written(&status), "the stuck batch may have committed: {status:?}");
+    let retried = app.place(limit_order(&stuck)).await;
+    let orders = app
+        .db()
+        .await
+        .scalar(&format!("select count(*) from orders where client_request_id = '{stuck}'"))
+        .await;
+    assert_eq!(orders, 1, "one order for the key: {retried:?}");
+}
+
 async fn calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_back(engine: Engine) {
     assert_eq!(engine, Engine::Postgres);
     let cluster = Cluster(tempfile::tempdir().unwrap());
@@ -296,4 +369,5 @@ postgres_tests!(
     calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_back,
     a_key_in_flight_elsewhere_never_stalls_its_batch_mates,
     a_batch_the_database_refuses_fails_only_the_order_that_must,
+    a_batch_whose_backend_stops_answering_is_given_up_and_others_go_on,
 );
