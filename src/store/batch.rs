@@ -214,8 +214,7 @@ impl Queues {
 /// Places `new` for `account`: with `queues` (group commit on), its key is
 /// looked up by the batch reader if the engine looks up first (a live key is
 /// answered from there), else it waits for the batch writer; without, it is
-/// placed alone. `attempt`
-/// says whether its write was sent.
+/// placed alone. `attempt` says whether its write was sent.
 pub(super) async fn place_order<E: GroupCommit>(
     engine: &E,
     queues: Option<&Queues>,
