@@ -254,6 +254,81 @@ async fn a_batch_whose_backend_stops_answering_is_given_up_and_others_go_on(engi
     assert_eq!(orders, 1, "one order for the key: {retried:?}");
 }
 
+/// The same for an order placed alone (group commit off, or sent back by
+/// its batch): its backend, stopped while it waits for a key row held by a
+/// session without the advisory lock, is given up after the lock timeout
+/// and a second and its connection closed, rather than held (with a pooled
+/// connection) for as long as the backend is stopped.
+async fn an_order_placed_alone_whose_backend_stops_answering_is_given_up(engine: Engine) {
+    let mut app = spawn_app_with(engine, |c| {
+        c.lock_timeout = Duration::from_secs(1);
+        c.db_max_connections = 4;
+    })
+    .await;
+    app.place(limit_order(&new_key())).await;
+    let url = app.config.database_url.clone();
+    let stuck = new_key();
+    let (mut holder, _) = hold_key(&url, &stuck).await;
+    let mut client = app.client.clone();
+    let call = tokio::spawn({
+        let key = stuck.clone();
+        async move { client.place_order(limit_order(&key)).await }
+    });
+    // The ordinary path's statement (it takes the advisory lock first),
+    // waiting for the held row: stop it before its lock timeout.
+    let mut watcher = PgConnection::connect(&url).await.unwrap();
+    let mut backend = None;
+    for _ in 0..500 {
+        backend = sqlx::query_scalar::<_, i32>(
+            "select pid from pg_stat_activity where wait_event_type = 'Lock' and query like 'with lock as%'",
+        )
+        .fetch_optional(&mut watcher)
+        .await
+        .unwrap();
+        if backend.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let backend = backend.expect("the call never waited for the held row").to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill").args([name, &backend]).status().unwrap();
+        assert!(status.success(), "kill {name} {backend}");
+    };
+    signal("-STOP");
+    let given_up = tokio::time::timeout(Duration::from_secs(20), call).await;
+    sqlx::raw_sql("rollback").execute(&mut holder).await.unwrap();
+    signal("-CONT");
+    let status = given_up.expect("the stuck call was given up").unwrap().expect_err("given up");
+    let count = format!("select count(*) from orders where client_request_id = '{stuck}'");
+    // Alone after its batch, it ran in a transaction whose COMMIT was never
+    // sent: "not written" is then the truth, and the key has no order.
+    if !may_have_written(&status) {
+        assert_eq!(app.db().await.scalar(&count).await, 0, "told not written: {status:?}");
+    }
+    app.place(limit_order(&new_key())).await;
+    // The resumed backend lets go of the key's lock once it finds its
+    // connection closed: a retry may meet it first, and is answered ABORTED.
+    let mut retried = None;
+    for _ in 0..10 {
+        match app.client.place_order(limit_order(&stuck)).await {
+            Ok(placed) => {
+                retried = Some(placed.into_inner());
+                break;
+            }
+            Err(status) if status.code() == Code::Aborted => continue,
+            Err(status) => panic!("the retry: {status:?}"),
+        }
+    }
+    let retried = retried.expect("the retry was placed");
+    let orders = app
+        .db()
+        .await
+        .scalar(&format!("select count(*) from orders where client_request_id = '{stuck}'"))
+        .await;
+    assert_eq!(orders, 1, "one order for the key: {retried:?}");
+}
+
 async fn calls_answer_unavailable_while_postgres_is_down_and_succeed_once_it_is_back(engine: Engine) {
     assert_eq!(engine, Engine::Postgres);
     let cluster = Cluster(tempfile::tempdir().unwrap());
@@ -370,4 +445,5 @@ postgres_tests!(
     a_key_in_flight_elsewhere_never_stalls_its_batch_mates,
     a_batch_the_database_refuses_fails_only_the_order_that_must,
     a_batch_whose_backend_stops_answering_is_given_up_and_others_go_on,
+    an_order_placed_alone_whose_backend_stops_answering_is_given_up,
 );

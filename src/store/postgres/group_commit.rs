@@ -81,9 +81,10 @@ macro_rules! batch_lock_wait {
     };
 }
 
-/// How much longer than the lock timeout a batch's statement may take before
-/// its writer gives up on the connection (its outcome is then unknown).
-const STATEMENT_SLACK: Duration = Duration::from_secs(1);
+/// How much longer than the lock timeout a batch's statement (or a
+/// PlaceOrder placed alone) may take before the service gives up on the
+/// connection (its outcome is then unknown).
+pub(super) const STATEMENT_SLACK: Duration = Duration::from_secs(1);
 
 /// The batch's statement: its lock wait bounded (each key's guard is a
 /// lateral lookup of the key's newest order, which only the index by key

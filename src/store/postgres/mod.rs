@@ -141,9 +141,46 @@ impl PgStore {
         let lock_wait = if left + Duration::from_millis(1) < lock_wait { left } else { lock_wait };
         let key = new.client_request_id;
         let mut conn = self.pool.acquire().await.map_err(db("acquiring a database connection"))?;
+        // A connection whose server stopped answering must not hold this
+        // call, and the pooled connection, for ever (as for a batch): past
+        // the bound the connection is closed, never reused. A write already
+        // sent may still commit (outcome unknown); one not sent never will
+        // (the server rolls back the transaction of a closed connection).
+        let bound = self.lock_timeout + group_commit::STATEMENT_SLACK;
+        let placing = Self::place_on(&mut conn, self.lock_timeout, account, new, ttl, lock_wait, attempt);
+        match tokio::time::timeout(bound, placing).await {
+            Ok(placed) => placed,
+            Err(_) => {
+                conn.close_on_drop();
+                let source =
+                    format!("the database did not answer within {}", humantime::format_duration(bound));
+                if attempt.abandon() {
+                    return Err(Error::Unavailable { context: "placing an order", source: source.into() });
+                }
+                Err(Error::OutcomeUnknown {
+                    client_request_id: key,
+                    deadline: false,
+                    context: "placing an order",
+                    source: source.into(),
+                })
+            }
+        }
+    }
+
+    /// [`place_one`](Self::place_one) on `conn`.
+    async fn place_on(
+        conn: &mut sqlx::PgConnection,
+        lock_timeout: Duration,
+        account: &AccountId,
+        new: NewOrder,
+        ttl: Duration,
+        lock_wait: Duration,
+        attempt: &Attempt,
+    ) -> Result<(Order, Placement), Error> {
+        let key = new.client_request_id;
         // Connections start with the configured lock timeout; only a caller
         // deadline shorter than it needs a transaction to shorten it in.
-        let shortened = millis(lock_wait) != millis(self.lock_timeout);
+        let shortened = millis(lock_wait) != millis(lock_timeout);
         if !shortened {
             // The common cases without a transaction: a new key is one
             // statement (key and order, atomic on its own), a live key one
