@@ -170,7 +170,7 @@ pub(super) fn closed() -> Error {
 pub(super) fn lock_not_taken() -> Error {
     Error::Unavailable {
         context: "waiting for the database writer",
-        source: "the write lock was not taken within the lock wait".into(),
+        source: "the write did not begin within the lock wait (no write lock, or no connection)".into(),
     }
 }
 
@@ -385,7 +385,10 @@ async fn run_batch<E: GroupCommit>(engine: &E, jobs: Vec<Job>) -> Vec<Answer> {
             crate::telemetry::metrics::record_batch_failure("not_written");
             fail_all(error, n).into_iter().map(Answer::Placed).collect()
         }
-        Err(BatchFailure::NotBegun) => jobs.iter().map(|job| Answer::Placed(Err(job.not_begun()))).collect(),
+        Err(BatchFailure::NotBegun) => {
+            crate::telemetry::metrics::record_batch_failure("not_written");
+            jobs.iter().map(|job| Answer::Placed(Err(job.not_begun()))).collect()
+        }
         Err(BatchFailure::AtCommit(error)) => {
             crate::telemetry::metrics::record_batch_failure("outcome_unknown");
             tracing::warn!(%error, orders = n, "the batch's commit failed; its outcome is unknown");
