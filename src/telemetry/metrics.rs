@@ -104,6 +104,7 @@ fn handle() -> anyhow::Result<PrometheusHandle> {
     for reason in ["queue_full", "export_failed"] {
         metrics::counter!(SPANS_DROPPED, "reason" => reason).increment(0);
     }
+    metrics::counter!(KEYS_PURGED).increment(0);
     for outcome in ["not_written", "outcome_unknown", "placed_alone"] {
         metrics::counter!(BATCH_FAILURES, "outcome" => outcome).increment(0);
     }
