@@ -34,9 +34,13 @@ pub async fn run(store: Store, interval: Duration, batch: u32, mut stop: watch::
             _ = stop.changed() => return,
         }
         match purge_expired(&store, batch).await {
-            Ok(0) => tracing::debug!("no expired idempotency keys"),
+            Ok(0) => {
+                crate::telemetry::metrics::record_purge_success();
+                tracing::debug!("no expired idempotency keys");
+            }
             Ok(purged) => {
                 crate::telemetry::metrics::record_purged(purged);
+                crate::telemetry::metrics::record_purge_success();
                 tracing::info!(purged, "purged expired idempotency keys");
             }
             Err(error) => {

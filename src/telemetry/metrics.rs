@@ -47,6 +47,9 @@ pub const BUILD_INFO: &str = "orders_build_info";
 pub const HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
 /// Expired idempotency keys deleted.
 pub const KEYS_PURGED: &str = "orders_idempotency_keys_purged_total";
+/// When the purge last ran to the end (no expired key left), in Unix
+/// seconds; the start of the process until it has.
+pub const PURGE_LAST_SUCCESS: &str = "orders_purge_last_success_timestamp_seconds";
 /// Pooled database connections, by pool.
 pub const POOL_CONNECTIONS: &str = "orders_db_pool_connections";
 /// Idle pooled database connections, by pool.
@@ -105,6 +108,7 @@ fn handle() -> anyhow::Result<PrometheusHandle> {
         metrics::counter!(SPANS_DROPPED, "reason" => reason).increment(0);
     }
     metrics::counter!(KEYS_PURGED).increment(0);
+    record_purge_success();
     for outcome in ["not_written", "outcome_unknown", "placed_alone"] {
         metrics::counter!(BATCH_FAILURES, "outcome" => outcome).increment(0);
     }
@@ -121,6 +125,11 @@ fn describe() {
     describe_counter!(MSG_SENT, "Response messages sent by the server.");
     describe_histogram!(HANDLING_SECONDS, metrics::Unit::Seconds, "Time from an RPC's start to its status.");
     describe_counter!(KEYS_PURGED, "Expired idempotency keys deleted by the purge.");
+    describe_gauge!(
+        PURGE_LAST_SUCCESS,
+        metrics::Unit::Seconds,
+        "When the purge last left no expired key (Unix time); the process start until it has."
+    );
     describe_gauge!(POOL_CONNECTIONS, "Pooled database connections, by pool.");
     describe_gauge!(POOL_IDLE, "Idle pooled database connections, by pool.");
     describe_gauge!(SERVING, "1 while the database takes writes and the server is not draining, else 0.");
@@ -586,6 +595,12 @@ pub fn record_tls_reload_failure() {
 /// Counts a token reload that found problems.
 pub fn record_token_reload_failure() {
     metrics::counter!(TOKEN_RELOAD_FAILURES).increment(1);
+}
+
+/// Records that a purge ran to the end: no expired key is left.
+pub fn record_purge_success() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    metrics::gauge!(PURGE_LAST_SUCCESS).set(now.as_secs_f64());
 }
 
 /// Counts purged keys.
