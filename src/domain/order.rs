@@ -126,6 +126,23 @@ impl OrderField {
     }
 }
 
+#[cfg(test)]
+impl NewOrder {
+    /// A limit order for one share at 10, good till cancelled: the unit
+    /// tests' order.
+    pub(crate) fn sample(key: ClientRequestId, symbol: &str) -> Self {
+        NewOrder {
+            client_request_id: key,
+            symbol: Symbol::parse(symbol).unwrap(),
+            side: Side::Buy,
+            order_type: OrderType::Limit,
+            quantity: PositiveDecimal::parse("1").unwrap(),
+            limit_price: Some(PositiveDecimal::parse("10").unwrap()),
+            time_in_force: TimeInForce::Gtc,
+        }
+    }
+}
+
 impl NewOrder {
     /// SHA-256 over the normalized order fields in a fixed order, each
     /// length-prefixed so no two different payloads encode alike. The key

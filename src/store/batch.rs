@@ -114,6 +114,9 @@ pub(super) trait GroupCommit: Clone + Send + Sync + 'static {
     /// was shortened by the caller's deadline.
     fn lock_timeout(&self) -> Duration;
 
+    /// The store's queues, when group commit is on.
+    fn queues(&self) -> Option<&Queues>;
+
     /// How many batches may be written at once. SQLite: one (one writer).
     /// Postgres: a few, so that one batch's round trip and commit overlap
     /// the next (the server merges their WAL flushes) and a lone caller
@@ -211,13 +214,12 @@ impl Queues {
     }
 }
 
-/// Places `new` for `account`: with `queues` (group commit on), its key is
+/// Places `new` for `account`: with the engine's queues (group commit on), its key is
 /// looked up by the batch reader if the engine looks up first (a live key is
 /// answered from there), else it waits for the batch writer; without, it is
 /// placed alone. `attempt` says whether its write was sent.
 pub(super) async fn place_order<E: GroupCommit>(
     engine: &E,
-    queues: Option<&Queues>,
     account: &AccountId,
     new: NewOrder,
     ttl: Duration,
@@ -236,7 +238,7 @@ pub(super) async fn place_order<E: GroupCommit>(
         attempt: attempt.clone(),
         span: tracing::Span::current(),
     };
-    let Some(queues) = queues else {
+    let Some(queues) = engine.queues() else {
         return place_alone(engine, job(new)).await;
     };
     // A retry of a committed order needs no write: answer it from the

@@ -155,8 +155,9 @@ impl Store {
         // transaction) runs in one, spawned by `batch` (the batch writer, or
         // the task placing one order alone); the caller only waits, and gives
         // up by `attempt`, which that task heeds before sending its write.
-        let placing =
-            async { dispatch!(self, s => s.place_order(account, order, ttl, lock_wait, &attempt).await) };
+        let placing = async {
+            dispatch!(self, s => batch::place_order(s, account, order, ttl, lock_wait, &attempt).await)
+        };
         match deadline {
             None => placing.await,
             Some(deadline) => tokio::time::timeout_at(deadline, placing)

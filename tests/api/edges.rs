@@ -334,7 +334,6 @@ impl Holder {
 /// API promises: not `UNAVAILABLE`, which would page an operator over a
 /// healthy database (it was, for a caller queued for a group commit).
 async fn a_deadline_that_ends_the_wait_for_the_writer_answers_deadline_exceeded(engine: Engine) {
-    use sqlx::Connection;
     let app = spawn_app_with(engine, |c| {
         c.db_max_connections = 1;
         c.lock_timeout = Duration::from_secs(5);
@@ -348,27 +347,11 @@ async fn a_deadline_that_ends_the_wait_for_the_writer_answers_deadline_exceeded(
             // A call in flight elsewhere holds a key's advisory lock; this
             // server's call for that key waits for it on the only pooled
             // connection.
-            let mut conn = sqlx::PgConnection::connect(&app.config.database_url).await.unwrap();
-            let sql =
-                format!("begin; select pg_advisory_xact_lock(hashtextextended('anonymous/{held}', 0));");
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
+            let conn = crate::helpers::hold_key_lock(&app.config.database_url, &held).await;
             let mut waiter = client.clone();
             let key = held.clone();
             let call = tokio::spawn(async move { waiter.place_order(limit_order(&key)).await });
-            let mut watcher = sqlx::PgConnection::connect(&app.config.database_url).await.unwrap();
-            for attempt in 0.. {
-                let waits: i64 = sqlx::query_scalar(
-                    "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()",
-                )
-                .fetch_one(&mut watcher)
-                .await
-                .unwrap();
-                if waits > 0 {
-                    break;
-                }
-                assert!(attempt < 500, "the call for the held key never waited on its lock");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            crate::helpers::backend_waiting_on_a_lock(&app.config.database_url, "").await;
             (Holder::Postgres(conn), Some(call))
         }
     };

@@ -17,8 +17,9 @@ use tonic_health::pb::{
 };
 
 use crate::helpers::{
-    Cluster, Db, Engine, Readiness, ServerProcess, TestDatabase, channel, limit_order, new_key,
-    place_concurrently, postgres_tests, spawn_app, spawn_app_with,
+    Cluster, Db, Engine, Readiness, ServerProcess, TestDatabase, backend_waiting_on_a_lock, channel,
+    hold_key_lock, limit_order, new_key, place_concurrently, postgres_tests, signal, spawn_app,
+    spawn_app_with,
 };
 
 /// Holds the key's row lock from another connection, as a call in flight
@@ -39,24 +40,6 @@ async fn hold_key(url: &str, key: &str) -> (PgConnection, String) {
     (conn, order_id)
 }
 
-/// Waits (bounded) until some backend is blocked on a lock.
-async fn until_a_call_waits_on_a_lock(url: &str) {
-    let mut conn = PgConnection::connect(url).await.unwrap();
-    for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no call ever waited on the key's lock");
-}
-
 async fn a_duplicate_waits_for_the_call_in_flight_and_replays_its_order(engine: Engine) {
     let mut app = spawn_app(engine).await;
     let url = app.config.database_url.clone();
@@ -68,7 +51,7 @@ async fn a_duplicate_waits_for_the_call_in_flight_and_replays_its_order(engine: 
     let (mut holder, held_order_id) = hold_key(&url, &key).await;
     let mut client = app.client.clone();
     let duplicate = tokio::spawn(async move { client.place_order(limit_order(&key)).await });
-    until_a_call_waits_on_a_lock(&url).await;
+    backend_waiting_on_a_lock(&url, "").await;
     assert!(!duplicate.is_finished(), "the duplicate waits while the first call is in flight");
     sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
 
@@ -105,15 +88,6 @@ async fn a_duplicate_past_its_deadline_or_the_lock_timeout_gets_key_in_use(engin
     assert_eq!(app.count("orders").await, 2);
 }
 
-/// Holds the key's advisory lock from another connection, in a transaction
-/// left open, as a call in flight with the key holds it on any replica.
-async fn hold_key_lock(url: &str, key: &str) -> PgConnection {
-    let mut conn = PgConnection::connect(url).await.unwrap();
-    let sql = format!("begin; select pg_advisory_xact_lock(hashtextextended('anonymous/{key}', 0));");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
-    conn
-}
-
 /// Group commit: a key in flight in another call (on another replica) is
 /// left out of the batch and waits on its own; its batch-mates are written
 /// meanwhile, no batch is refused for it, and it is placed once the other
@@ -135,7 +109,7 @@ async fn a_key_in_flight_elsewhere_never_stalls_its_batch_mates(engine: Engine) 
     let placing =
         place_concurrently(server.addr, others.len(), 64, |i| tonic::Request::new(limit_order(&others[i])));
     tokio::time::timeout(Duration::from_secs(60), placing).await.expect("the batch-mates were held up");
-    until_a_call_waits_on_a_lock(&database.url).await;
+    backend_waiting_on_a_lock(&database.url, "").await;
     assert!(!held.is_finished(), "the key in flight elsewhere waits for that call");
     assert_eq!(db.scalar("select count(*) from orders").await, 64);
     sqlx::raw_sql("rollback").execute(&mut holder).await.unwrap();
@@ -214,26 +188,8 @@ async fn a_batch_whose_backend_stops_answering_is_given_up_and_others_go_on(engi
     });
     // The batch's backend, waiting for the table: stop it before its lock
     // timeout ends the wait.
-    let mut watcher = PgConnection::connect(&url).await.unwrap();
-    let mut backend = None;
-    for _ in 0..500 {
-        backend = sqlx::query_scalar::<_, i32>(
-            "select pid from pg_stat_activity where wait_event_type = 'Lock' and query like 'with input as%'",
-        )
-        .fetch_optional(&mut watcher)
-        .await
-        .unwrap();
-        if backend.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let backend = backend.expect("the batch never waited for the table").to_string();
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill").args([name, &backend]).status().unwrap();
-        assert!(status.success(), "kill {name} {backend}");
-    };
-    signal("-STOP");
+    let backend = backend_waiting_on_a_lock(&url, "with input as").await;
+    signal(backend, "-STOP");
     sqlx::raw_sql("commit").execute(&mut locker).await.unwrap();
     // Another order goes through the other writer while that one is stuck.
     let other =
@@ -241,7 +197,7 @@ async fn a_batch_whose_backend_stops_answering_is_given_up_and_others_go_on(engi
             .await
             .expect("the other writer placed an order while one backend was stopped");
     let given_up = tokio::time::timeout(Duration::from_secs(20), call).await;
-    signal("-CONT");
+    signal(backend, "-CONT");
     other.expect("placed");
     let status = given_up.expect("the stuck batch was given up").unwrap().expect_err("outcome unknown");
     assert!(may_have_written(&status), "the stuck batch may have committed: {status:?}");
@@ -276,29 +232,11 @@ async fn an_order_placed_alone_whose_backend_stops_answering_is_given_up(engine:
     });
     // The ordinary path's statement (it takes the advisory lock first),
     // waiting for the held row: stop it before its lock timeout.
-    let mut watcher = PgConnection::connect(&url).await.unwrap();
-    let mut backend = None;
-    for _ in 0..500 {
-        backend = sqlx::query_scalar::<_, i32>(
-            "select pid from pg_stat_activity where wait_event_type = 'Lock' and query like 'with lock as%'",
-        )
-        .fetch_optional(&mut watcher)
-        .await
-        .unwrap();
-        if backend.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let backend = backend.expect("the call never waited for the held row").to_string();
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill").args([name, &backend]).status().unwrap();
-        assert!(status.success(), "kill {name} {backend}");
-    };
-    signal("-STOP");
+    let backend = backend_waiting_on_a_lock(&url, "with lock as").await;
+    signal(backend, "-STOP");
     let given_up = tokio::time::timeout(Duration::from_secs(20), call).await;
     sqlx::raw_sql("rollback").execute(&mut holder).await.unwrap();
-    signal("-CONT");
+    signal(backend, "-CONT");
     let status = given_up.expect("the stuck call was given up").unwrap().expect_err("given up");
     let count = format!("select count(*) from orders where client_request_id = '{stuck}'");
     // Alone after its batch, it ran in a transaction whose COMMIT was never

@@ -144,6 +144,10 @@ impl GroupCommit for PgStore {
         self.lock_timeout
     }
 
+    fn queues(&self) -> Option<&crate::store::batch::Queues> {
+        self.queues.as_ref()
+    }
+
     async fn write_batch(&self, lock_deadline: Instant, jobs: &[Job]) -> Result<Vec<Written>, BatchFailure> {
         let mut conn = match tokio::time::timeout_at(lock_deadline, self.pool.acquire()).await {
             Ok(Ok(conn)) => conn,
@@ -350,21 +354,11 @@ mod tests {
     }
 
     fn job(key: &str, symbol: &str) -> Job {
-        use crate::domain::{
-            AccountId, ClientRequestId, NewOrder, OrderType, PositiveDecimal, Side, Symbol, TimeInForce,
-        };
+        use crate::domain::{AccountId, ClientRequestId, NewOrder};
         let wait = Duration::from_secs(5);
         Job {
             account: AccountId::new("alice"),
-            new: NewOrder {
-                client_request_id: ClientRequestId::parse(key).unwrap(),
-                symbol: Symbol::parse(symbol).unwrap(),
-                side: Side::Buy,
-                order_type: OrderType::Limit,
-                quantity: PositiveDecimal::parse("1").unwrap(),
-                limit_price: Some(PositiveDecimal::parse("10").unwrap()),
-                time_in_force: TimeInForce::Gtc,
-            },
+            new: NewOrder::sample(ClientRequestId::parse(key).unwrap(), symbol),
             ttl: Duration::from_secs(3600),
             lock_wait: wait,
             deadline_bound: false,

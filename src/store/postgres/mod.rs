@@ -8,7 +8,7 @@
 //! with `IDEMPOTENCY_KEY_IN_USE`. Migrations take Postgres's advisory lock, so
 //! replicas starting together apply them once.
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{str::FromStr, time::Duration};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::{
     OrderRecord, Placement, StoreOptions,
     attempt::Attempt,
-    batch::{self, Job, Queues},
+    batch::{Job, Queues},
     flows::{self, Statements},
     place::{self, KeyRecord, PlaceTx, StoredKey},
 };
@@ -116,17 +116,6 @@ impl PgStore {
             store.queues = Some(Queues::start(store.clone(), options.pg_max_batch));
         }
         Ok(store)
-    }
-
-    pub(super) async fn place_order(
-        &self,
-        account: &AccountId,
-        new: NewOrder,
-        ttl: Duration,
-        lock_wait: Duration,
-        attempt: &Arc<Attempt>,
-    ) -> Result<(Order, Placement), Error> {
-        batch::place_order(self, self.queues.as_ref(), account, new, ttl, lock_wait, attempt).await
     }
 
     /// The ordinary path of one PlaceOrder (group commit off, or a job its

@@ -32,6 +32,10 @@ impl GroupCommit for SqliteStore {
         self.lock_timeout
     }
 
+    fn queues(&self) -> Option<&batch::Queues> {
+        self.queues.as_ref()
+    }
+
     /// Runs `jobs` in one `begin immediate … commit`: one disk flush for the
     /// whole batch. A job refused for a reused key wrote nothing and leaves
     /// its batch-mates alone; a database error rolls the whole batch back

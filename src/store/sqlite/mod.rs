@@ -16,16 +16,8 @@
 
 use std::{str::FromStr, sync::Arc, time::Duration};
 
-use super::{
-    Placement, StoreOptions,
-    attempt::Attempt,
-    batch::{self, Queues},
-};
-use crate::{
-    clock::Clock,
-    domain::{AccountId, NewOrder, Order},
-    error::Error,
-};
+use super::{StoreOptions, batch::Queues};
+use crate::{clock::Clock, error::Error};
 use sqlx::{
     SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
@@ -123,17 +115,6 @@ impl SqliteStore {
         Ok(store)
     }
 
-    pub(super) async fn place_order(
-        &self,
-        account: &AccountId,
-        new: NewOrder,
-        ttl: Duration,
-        lock_wait: Duration,
-        attempt: &Arc<Attempt>,
-    ) -> Result<(Order, Placement), Error> {
-        batch::place_order(self, self.queues.as_ref(), account, new, ttl, lock_wait, attempt).await
-    }
-
     /// Ready means orders can be placed: the file answers a read, and takes a
     /// write (one row rewritten and committed, so a full disk, a read-only
     /// or immutable file, or a lock held past the busy timeout all fail it).
@@ -207,20 +188,15 @@ mod tests {
 
     use super::{statements::read_keys, *};
     use crate::{
-        domain::{ClientRequestId, OrderType, PositiveDecimal, Side, Symbol, TimeInForce},
-        store::batch::{GroupCommit as _, Job, KeyId, Written, key_id},
+        domain::{AccountId, ClientRequestId, NewOrder},
+        store::{
+            Placement,
+            batch::{GroupCommit as _, Job, KeyId, Written, key_id},
+        },
     };
 
     fn order(key: ClientRequestId, symbol: &str) -> NewOrder {
-        NewOrder {
-            client_request_id: key,
-            symbol: Symbol::parse(symbol).unwrap(),
-            side: Side::Buy,
-            order_type: OrderType::Limit,
-            quantity: PositiveDecimal::parse("1").unwrap(),
-            limit_price: Some(PositiveDecimal::parse("10").unwrap()),
-            time_in_force: TimeInForce::Gtc,
-        }
+        NewOrder::sample(key, symbol)
     }
 
     /// The batched lookup answers each key for its own account: the same key
@@ -244,7 +220,11 @@ mod tests {
         let absent = ClientRequestId::parse("0b6e8a53-2a4e-4c8e-9d62-3f1b1f0e6a02").unwrap();
         let place = |account: &AccountId, new: NewOrder| {
             let (store, account) = (store.clone(), account.clone());
-            async move { store.place_order(&account, new, wait, wait, &Arc::default()).await.unwrap() }
+            async move {
+                crate::store::batch::place_order(&store, &account, new, wait, wait, &Arc::default())
+                    .await
+                    .unwrap()
+            }
         };
         let (for_alice, _) = place(&alice, order(shared, "AAPL")).await;
         let (for_bob, _) = place(&bob, order(shared, "MSFT")).await;

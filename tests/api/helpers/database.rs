@@ -95,3 +95,41 @@ impl Db {
         .unwrap_or_else(|e| panic!("{e}"))
     }
 }
+
+/// The pid of a backend of the Postgres database at `url` that waits on a
+/// lock while it runs a statement starting with `statement` (any statement
+/// when empty), polled for at most about five seconds.
+pub async fn backend_waiting_on_a_lock(url: &str, statement: &str) -> i32 {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    for _ in 0..1000 {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "select pid from pg_stat_activity where wait_event_type = 'Lock' \
+             and datname = current_database() and query like $1 || '%' limit 1",
+        )
+        .bind(statement)
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("no backend waited on a lock running {statement:?}");
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the process `pid` (a Postgres
+/// backend: tests run as root, as CI does).
+pub fn signal(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Holds the key's advisory lock from another connection, in a transaction
+/// left open, as a call in flight with the key holds it on any replica.
+pub async fn hold_key_lock(url: &str, key: &str) -> PgConnection {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let sql = format!("begin; select pg_advisory_xact_lock(hashtextextended('anonymous/{key}', 0));");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
+    conn
+}
