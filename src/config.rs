@@ -206,13 +206,38 @@ pub struct Config {
     #[arg(long, env = "ORDERS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub handshake_timeout: Duration,
 
-    /// Most connections open at once, gRPC and health listeners together;
-    /// one more is closed as soon as it is accepted (and counted in
-    /// orders_connections_refused_total). 0 sizes it from the process's
+    /// Most connections the gRPC listener holds at once. When all are
+    /// taken, the connection idle the longest (no call open) gives way
+    /// (counted in orders_connections_evicted_total); when every one has a
+    /// call open, the newcomer is closed as soon as it is accepted (counted
+    /// in orders_connections_refused_total). 0 sizes it from the process's
     /// open-file limit, keeping 64 descriptors plus the database pool free.
     #[arg(long, env = "ORDERS_MAX_CONNECTIONS", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_connections: u32,
+
+    /// A connection with no call open this long is told GOAWAY and closed
+    /// (gRPC's `max_connection_idle`), on the gRPC and health listeners.
+    #[arg(long, env = "ORDERS_MAX_CONNECTION_IDLE", default_value = "5m", value_parser = positive_duration)]
+    pub max_connection_idle: Duration,
+
+    /// Most connections the `--health-listen` listener holds at once, its
+    /// own budget: nothing on the gRPC port can take them. When all are
+    /// taken, the connection idle the longest gives way.
+    #[arg(long, env = "ORDERS_HEALTH_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub health_max_connections: u32,
+
+    /// Most health Watch streams open at once on one listener; one more is
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ORDERS_MAX_WATCHES", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_watches: u32,
+
+    /// Most health Watch streams open at once on one connection.
+    #[arg(long, env = "ORDERS_MAX_WATCHES_PER_CONNECTION", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_watches_per_connection: u32,
 
     /// The longest any call may take on the server, whatever deadline its
     /// caller sent (a shorter `grpc-timeout` wins).

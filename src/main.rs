@@ -63,8 +63,8 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let tracing = match telemetry::init(config.log_format) {
-        Ok(tracing) => tracing,
+    let (tracing, logs) = match telemetry::init(config.log_format) {
+        Ok(installed) => installed,
         Err(error) => {
             eprintln!("error: {error:#}");
             return ExitCode::from(2);
@@ -99,6 +99,8 @@ async fn main() -> ExitCode {
         let _ =
             tokio::task::spawn_blocking(move || tracing.shutdown(std::time::Duration::from_secs(5))).await;
     }
+    // The lines still waiting are written before the process exits.
+    drop(logs);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

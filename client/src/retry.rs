@@ -120,8 +120,8 @@ impl RetryPolicy {
     }
 }
 
-/// TLS settings of the client.
-#[derive(Debug, Clone, Default)]
+/// TLS settings of the client. Its `Debug` shows no key.
+#[derive(Clone, Default)]
 pub struct ClientTls {
     /// PEM CA that signed the server's certificate (else the system roots
     /// are not used: give one).
@@ -133,8 +133,8 @@ pub struct ClientTls {
     pub domain: Option<String>,
 }
 
-/// Where and how to connect.
-#[derive(Debug, Clone)]
+/// Where and how to connect. Its `Debug` shows no token or key.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// `http://host:port`, or `https://host:port` with `tls`.
     pub endpoint: String,
@@ -153,6 +153,29 @@ pub struct ClientConfig {
     /// trace. On by default; a busy caller that leaves sampling to the
     /// server (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`) turns it off.
     pub start_traces: bool,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|pem| pem.len()))
+            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .field("retry", &self.retry)
+            .field("trace_parent", &self.trace_parent)
+            .field("start_traces", &self.start_traces)
+            .finish()
+    }
 }
 
 impl ClientConfig {
@@ -264,11 +287,15 @@ impl OrderClient {
     pub fn new(config: ClientConfig) -> Result<Self, CallError> {
         let endpoint = config.endpoint()?;
         let token = match config.token {
-            Some(token) => Some(
-                format!("Bearer {token}")
+            Some(token) => {
+                let mut value: MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
                     .parse()
-                    .map_err(|_| config_error("the token has characters a header cannot carry"))?,
-            ),
+                    .map_err(|_| config_error("the token has characters a header cannot carry"))?;
+                // Kept out of Debug output, and out of HPACK's dynamic table
+                // (never indexed), as HTTP/2 advises for credentials.
+                value.set_sensitive(true);
+                Some(value)
+            }
             None => None,
         };
         Ok(Self {
@@ -482,6 +509,21 @@ fn random_unit() -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn no_credential_shows_in_debug_output() {
+        let mut config = super::ClientConfig::new("http://127.0.0.1:1");
+        config.token = Some("s3cret-token".into());
+        config.tls = Some(super::ClientTls {
+            identity: Some((b"CERT".to_vec(), b"PRIVATE-KEY-BYTES".to_vec())),
+            ..Default::default()
+        });
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret") && !shown.contains("80, 82, 73"), "{shown}");
+        let client = super::OrderClient::new(super::ClientConfig { tls: None, ..config }).unwrap();
+        let shown = format!("{client:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
     use super::*;
     use tonic_types::ErrorDetails;
 

@@ -18,7 +18,45 @@ use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus, health_server,
 };
 
+use super::net::ConnInfo;
 use crate::{store::Store, telemetry::metrics};
+
+/// How long a Watch may outlive its connection's `--max-connection-age`
+/// (gRPC's `max_connection_age_grace`): the GOAWAY went out at the age, so a
+/// client has had this long to open a new connection before the stream is
+/// ended with UNAVAILABLE, which tells it to watch again there.
+pub(super) const WATCH_AGE_GRACE: Duration = Duration::from_secs(10);
+
+/// One listener's budget of Watch streams: at most `total` open on the
+/// listener and `per_connection` on one connection; each ends `lifetime`
+/// after its connection was accepted.
+#[derive(Debug, Clone)]
+pub(super) struct WatchBudget {
+    pub total: Arc<tokio::sync::Semaphore>,
+    pub per_connection: usize,
+    pub lifetime: Duration,
+}
+
+/// A Watch counted on its connection until dropped.
+struct ConnectionWatch(Arc<super::net::budget::Activity>);
+
+impl Drop for ConnectionWatch {
+    fn drop(&mut self) {
+        self.0.watches.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// RESOURCE_EXHAUSTED for a Watch over `what`'s budget, with RetryInfo.
+fn too_many_watches(what: &str) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    metrics::record_watch_refused();
+    let details = ErrorDetails::with_retry_info(Some(Duration::from_secs(1)));
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!("too many health Watch streams open on {what}; close one or retry later"),
+        details,
+    )
+}
 
 /// The health service name of the order API.
 pub const SERVICE_NAME: &str = "orders.v1.OrderService";
@@ -33,6 +71,8 @@ pub const LIVENESS_NAME: &str = "liveness";
 pub(super) struct Health {
     statuses: Arc<HashMap<&'static str, watch::Sender<ServingStatus>>>,
     closed: watch::Sender<bool>,
+    /// The Watch budget of the listener this copy serves.
+    watches: Option<WatchBudget>,
 }
 
 impl Health {
@@ -42,7 +82,7 @@ impl Health {
             .into_iter()
             .map(|name| (name, watch::Sender::new(ServingStatus::Serving)))
             .collect();
-        Self { statuses: Arc::new(statuses), closed: watch::Sender::new(false) }
+        Self { statuses: Arc::new(statuses), closed: watch::Sender::new(false), watches: None }
     }
 
     fn set(&self, service: &str, status: ServingStatus) {
@@ -56,9 +96,9 @@ impl Health {
         self.closed.send_replace(true);
     }
 
-    /// The gRPC service.
-    pub(super) fn service(&self) -> health_server::HealthServer<Health> {
-        health_server::HealthServer::new(self.clone())
+    /// The gRPC service for one listener, with its Watch budget.
+    pub(super) fn service(&self, watches: WatchBudget) -> health_server::HealthServer<Health> {
+        health_server::HealthServer::new(Self { watches: Some(watches), ..self.clone() })
     }
 }
 
@@ -79,11 +119,40 @@ impl health_server::Health for Health {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<HealthCheckRequest>) -> Result<Response<WatchStream>, Status> {
+        let activity = request.extensions().get::<ConnInfo>().map(|info| info.activity.clone());
+        let mut held = None;
+        let mut ends = None;
+        if let Some(budget) = &self.watches {
+            let total =
+                budget.total.clone().try_acquire_owned().map_err(|_| too_many_watches("this listener"))?;
+            let on_connection = match activity {
+                Some(activity) => {
+                    let open = activity.watches.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    let counted = ConnectionWatch(activity);
+                    if open >= budget.per_connection {
+                        return Err(too_many_watches("this connection"));
+                    }
+                    ends = Some(counted.0.accepted + budget.lifetime);
+                    Some(counted)
+                }
+                None => None,
+            };
+            held = Some((total, on_connection));
+        }
         let mut statuses =
             self.statuses.get(request.get_ref().service.as_str()).map(watch::Sender::subscribe);
         let mut closed = self.closed.subscribe();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            // Given back when the stream ends.
+            let _held = held;
+            let aged = async {
+                match ends {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let mut aged = std::pin::pin!(aged);
             loop {
                 let status = match &mut statuses {
                     Some(statuses) => *statuses.borrow_and_update(),
@@ -99,10 +168,18 @@ impl health_server::Health for Health {
                         None => std::future::pending().await,
                     }
                 };
-                tokio::select! {
-                    changed = changed => if !changed { return },
+                let aged_out = tokio::select! {
+                    changed = changed => if changed { continue } else { return },
                     _ = closed.wait_for(|closed| *closed) => return,
                     () = tx.closed() => return,
+                    () = &mut aged => true,
+                };
+                if aged_out {
+                    let status = Status::unavailable(
+                        "this connection is past --max-connection-age: watch again on a new connection",
+                    );
+                    let _ = tx.send(Err(status)).await;
+                    return;
                 }
             }
         });

@@ -232,7 +232,12 @@ impl Application {
         let addr = listener.local_addr().context("reading the bound address")?;
 
         let health = Health::new();
-        let health_service = health.service();
+        let watches = || health::WatchBudget {
+            total: Arc::new(tokio::sync::Semaphore::new(config.max_watches as usize)),
+            per_connection: config.max_watches_per_connection as usize,
+            lifetime: config.max_connection_age + health::WATCH_AGE_GRACE,
+        };
+        let health_service = health.service(watches());
         // Health and reflection answer callers nobody has authenticated:
         // their requests are a service name or a symbol, so a message over
         // OPEN_SERVICE_MAX_MESSAGE is refused from its length prefix instead
@@ -266,11 +271,11 @@ impl Application {
             n => n as usize,
         };
         tracing::info!(max_connections, "connections are capped");
-        let admission = net::Admission::new(
-            config.handshake_timeout,
-            net::Protocol::Http2,
-            Arc::new(tokio::sync::Semaphore::new(max_connections)),
-        );
+        // Each listener has a budget of its own (see net::budget): a flood
+        // of one port takes nothing the others need.
+        let grpc_budget = net::Budget::new(max_connections);
+        let admission =
+            net::Admission::new(config.handshake_timeout, net::Protocol::Http2, grpc_budget.clone());
         let api = OrderServiceServer::new(OrderApi::new(store.clone(), auth.clone(), settings))
             .max_decoding_message_size(config.max_request_size as usize);
 
@@ -284,8 +289,13 @@ impl Application {
             }
         };
         if let Some(tls) = &tls {
-            tokio::spawn(net::tls::follow_files(tls.clone(), background_rx.clone()));
+            tokio::spawn(net::tls::follow_files(tls.clone(), grpc_budget.clone(), background_rx.clone()));
         }
+        tokio::spawn(net::budget::close_idle(
+            grpc_budget.clone(),
+            config.max_connection_idle,
+            background_rx.clone(),
+        ));
         let background = [
             tokio::spawn(purge::run(
                 store.clone(),
@@ -298,7 +308,7 @@ impl Application {
                 store.clone(),
                 health.clone(),
                 config.health_interval,
-                background_rx,
+                background_rx.clone(),
             )),
         ];
         let mut side_servers = Vec::new();
@@ -307,7 +317,7 @@ impl Application {
             let own = net::Admission::new(
                 config.handshake_timeout,
                 net::Protocol::Http1,
-                Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS)),
+                net::Budget::new(METRICS_MAX_CONNECTIONS),
             );
             let listener = net::GuardedListener::new(listener, own);
             side_servers.push(metrics::serve(listener, stopped(&servers_rx))?);
@@ -315,11 +325,19 @@ impl Application {
         }
         if let Some(listener) = health_listener {
             let health_addr = listener.local_addr()?;
-            let incoming = net::connections(TcpIncoming::from(listener), admission.clone(), None);
+            let budget = net::Budget::new(config.health_max_connections as usize);
+            tokio::spawn(net::budget::close_idle(
+                budget.clone(),
+                config.max_connection_idle,
+                background_rx.clone(),
+            ));
+            let own = net::Admission::new(config.handshake_timeout, net::Protocol::Http2, budget);
+            let incoming = net::connections(TcpIncoming::from(listener), own, None);
             let health_only = http2_server(&config)
-                .layer(crate::telemetry::metrics::RpcMetricsLayer)
+                .layer(net::CallsLayer)
+                .layer(metrics::RpcMetricsLayer::default())
                 .layer(open_calls::OpenCallsLayer::new(OPEN_CALLS_UNREAD))
-                .add_service(health_service.clone())
+                .add_service(health.service(watches()).max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE))
                 .serve_with_incoming_shutdown(incoming, stopped(&servers_rx));
             side_servers.push(tokio::spawn(async move {
                 if let Err(error) = health_only.await {
@@ -330,8 +348,13 @@ impl Application {
         }
 
         let mut builder = http2_server(&config)
-            // Outermost first: the metrics see the code the caller gets.
-            .layer(crate::telemetry::metrics::RpcMetricsLayer)
+            // Outermost first: every call counted open on its connection;
+            // the metrics see the code the caller gets.
+            .layer(net::CallsLayer)
+            .layer(metrics::RpcMetricsLayer::trusting(metrics::TrustParent({
+                let auth = auth.clone();
+                Arc::new(move |request| crate::api::preauthenticate(&auth, request))
+            })))
             .layer(malformed::MalformedRequestsLayer)
             .layer(crate::api::AuthLayer(auth.clone()))
             .layer(open_calls::OpenCallsLayer::new(OPEN_CALLS_UNREAD));

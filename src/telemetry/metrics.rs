@@ -59,6 +59,15 @@ pub const SERVING: &str = "orders_health_serving";
 /// Connections closed as soon as they were accepted, by reason
 /// (`max_connections`).
 pub const CONNECTIONS_REFUSED: &str = "orders_connections_refused_total";
+/// Connections a listener's budget told to close (GOAWAY), by `reason`:
+/// `budget` (the one idle longest, when a newcomer needed its place), `idle`
+/// (`--max-connection-idle`), `client_ca` (its certificate no longer
+/// trusted after a reload).
+pub const CONNECTIONS_EVICTED: &str = "orders_connections_evicted_total";
+/// Health Watch streams refused over their listener's or connection's budget.
+pub const WATCHES_REFUSED: &str = "orders_health_watches_refused_total";
+/// Log lines dropped because stdout did not keep up.
+pub const LOG_LINES_DROPPED: &str = "orders_log_lines_dropped_total";
 /// Connections closed for not sending a request's headers within
 /// `--handshake-timeout`, by `stage` (`first_request`, `next_request`).
 pub const CONNECTIONS_TIMED_OUT: &str = "orders_connections_timed_out_total";
@@ -153,6 +162,12 @@ fn describe() {
     describe_gauge!(POOL_IDLE, "Idle pooled database connections, by pool.");
     describe_gauge!(SERVING, "1 while the database takes writes and the server is not draining, else 0.");
     describe_counter!(CONNECTIONS_REFUSED, "Connections closed as soon as they were accepted, by reason.");
+    describe_counter!(
+        CONNECTIONS_EVICTED,
+        "Connections told to close by their listener's budget, by reason."
+    );
+    describe_counter!(WATCHES_REFUSED, "Health Watch streams refused over their budget.");
+    describe_counter!(LOG_LINES_DROPPED, "Log lines dropped because stdout did not keep up.");
     describe_counter!(CONNECTIONS_TIMED_OUT, "Connections closed by their deadline, by stage.");
     describe_counter!(ACCEPT_ERRORS, "Accepts that failed (out of descriptors, ...).");
     describe_counter!(TLS_HANDSHAKE_FAILURES, "TLS handshakes refused.");
@@ -245,6 +260,7 @@ where
             let handle = handle.clone();
             async move {
                 handle.run_upkeep();
+                set_log_lines_dropped(super::log_lines_dropped());
                 let body = handle.render() + &process_metrics();
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
@@ -258,15 +274,42 @@ where
     Ok(task)
 }
 
-/// Wraps the gRPC server in [`RpcMetrics`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcMetricsLayer;
+/// Whether a call's W3C `traceparent` may make its server span the
+/// caller's child (and so choose its sampling under `parentbased_*`): false
+/// for a call that will be refused before authentication, whose caller must
+/// not be able to force spans into the export queue. It may leave what it
+/// learned in the request's extensions (the account it authenticated).
+#[derive(Clone)]
+pub struct TrustParent(pub std::sync::Arc<TrustFn>);
+
+/// What [`TrustParent`] asks of a call.
+pub type TrustFn = dyn Fn(&mut http::Request<tonic::body::Body>) -> bool + Send + Sync;
+
+impl std::fmt::Debug for TrustParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TrustParent")
+    }
+}
+
+/// Wraps the gRPC server in [`RpcMetrics`]; every caller's `traceparent` is
+/// followed unless [`trusting`](Self::trusting) says otherwise.
+#[derive(Debug, Clone, Default)]
+pub struct RpcMetricsLayer {
+    trust: Option<TrustParent>,
+}
+
+impl RpcMetricsLayer {
+    /// Follows a caller's `traceparent` only where `trust` says so.
+    pub fn trusting(trust: TrustParent) -> Self {
+        Self { trust: Some(trust) }
+    }
+}
 
 impl<S> tower::Layer<S> for RpcMetricsLayer {
     type Service = RpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcMetrics(inner)
+        RpcMetrics(inner, self.trust.clone())
     }
 }
 
@@ -279,7 +322,7 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 /// the trailers at the end of the body; a call whose body is dropped before
 /// its trailers (the caller went away) counts as `Canceled`.
 #[derive(Debug, Clone)]
-pub struct RpcMetrics<S>(S);
+pub struct RpcMetrics<S>(S, Option<TrustParent>);
 
 impl<S, R> tower::Service<http::Request<tonic::body::Body>> for RpcMetrics<S>
 where
@@ -294,10 +337,13 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         let rpc = Rpc::of(request.uri().path());
         let (_, service, method) = RPCS[rpc.0];
-        let span = traces::server_span(&SPAN_NAMES[rpc.0], service, method, request.headers());
+        let trusted = self.1.as_ref().is_none_or(|trust| (trust.0)(&mut request));
+        let untrusted = http::HeaderMap::new();
+        let parent = if trusted { request.headers() } else { &untrusted };
+        let span = traces::server_span(&SPAN_NAMES[rpc.0], service, method, parent);
         rpc.series().started.increment(1);
         let started = Instant::now();
         let request = request.map(|inner| {
@@ -599,6 +645,21 @@ pub fn record_connection_timed_out(stage: &'static str) {
 /// Counts a failed accept.
 pub fn record_accept_error() {
     metrics::counter!(ACCEPT_ERRORS).increment(1);
+}
+
+/// Counts a connection its listener's budget told to close.
+pub fn record_connection_evicted(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_EVICTED, "reason" => reason).increment(1);
+}
+
+/// Counts a Watch refused over its budget.
+pub fn record_watch_refused() {
+    metrics::counter!(WATCHES_REFUSED).increment(1);
+}
+
+/// Sets the count of log lines dropped so far.
+pub fn set_log_lines_dropped(total: u64) {
+    metrics::counter!(LOG_LINES_DROPPED).absolute(total);
 }
 
 /// Counts a refused TLS handshake.

@@ -1,6 +1,9 @@
 //! What the service tells its operators: logs (a `tracing` subscriber
 //! writing text or JSON lines to stdout, filtered by `RUST_LOG`, default
-//! `info`), [`metrics`] (Prometheus), and [`traces`] (OpenTelemetry, when
+//! `info`, through `tracing-appender`'s non-blocking writer: a thread of its
+//! own writes the lines, so a slow stdout never holds up a call; past
+//! [`LOG_BUFFER_LINES`] waiting lines, new ones are dropped and counted in
+//! `orders_log_lines_dropped_total`), [`metrics`] (Prometheus), and [`traces`] (OpenTelemetry, when
 //! an OTLP endpoint is configured).
 
 pub(crate) mod metrics;
@@ -21,11 +24,73 @@ use crate::config::LogFormat;
 
 pub use traces::Tracing;
 
+/// Most lines a second one [`Throttle`] lets through.
+pub const LOGGED_PER_SECOND: u32 = 10;
+
+/// A bound on how often one kind of line is logged, so that callers who
+/// can make the server log (refused calls, refused handshakes) cannot make
+/// the log a lever: at most [`LOGGED_PER_SECOND`] lines a second, and the
+/// number left out told in the next second's first line. (Kept here rather
+/// than from a crate: it is a counter and a clock, shared by the server's
+/// two refusal logs.)
+#[derive(Debug)]
+pub struct Throttle(std::sync::Mutex<ThrottleState>);
+
+#[derive(Debug)]
+struct ThrottleState {
+    second: tokio::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        let second = tokio::time::Instant::now();
+        Self(std::sync::Mutex::new(ThrottleState { second, logged: 0, suppressed: 0 }))
+    }
+}
+
+impl Throttle {
+    /// Whether this line may be logged: `Some(n)` if so, `n` being how
+    /// many lines were left out in the second before (0 for none).
+    pub fn admit(&self) -> Option<u64> {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let mut left_out = 0;
+        if now.duration_since(state.second) >= std::time::Duration::from_secs(1) {
+            left_out = state.suppressed;
+            *state = ThrottleState { second: now, logged: 0, suppressed: 0 };
+        }
+        if state.logged < LOGGED_PER_SECOND {
+            state.logged += 1;
+            Some(left_out)
+        } else {
+            state.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Most log lines waiting for stdout; more are dropped (and counted).
+pub const LOG_BUFFER_LINES: usize = 8192;
+
+/// The count of log lines dropped, once logging is installed.
+static DROPPED_LINES: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Log lines dropped so far because stdout did not keep up.
+pub fn log_lines_dropped() -> u64 {
+    DROPPED_LINES.get().map_or(0, |counter| counter.dropped_lines() as u64)
+}
+
 /// Installs the global subscriber, with the OpenTelemetry layer when the
 /// environment configures an OTLP endpoint; returns the tracer provider to
-/// flush at exit. Fails on trace settings that cannot work. A second call
-/// installs nothing (tests).
-pub fn init(format: LogFormat) -> anyhow::Result<Option<Tracing>> {
+/// flush at exit, and the log writer's guard, which writes the lines still
+/// waiting when dropped. Fails on trace settings that cannot work. A second
+/// call installs nothing (tests).
+pub fn init(
+    format: LogFormat,
+) -> anyhow::Result<(Option<Tracing>, tracing_appender::non_blocking::WorkerGuard)> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // sqlx warns of a connect parameter it does not know with its value
     // (`sslpassword=…`): that line is never written, whatever RUST_LOG says.
@@ -36,11 +101,18 @@ pub fn init(format: LogFormat) -> anyhow::Result<Option<Tracing>> {
     let tracing = traces::from_env()?;
     let otel = tracing.as_ref().map(traces::layer);
     let ansi = std::io::stdout().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("order-service-logs")
+        .finish(std::io::stdout());
+    let _ = DROPPED_LINES.set(writer.error_counter());
     let fmt = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer).boxed(),
         LogFormat::Json => {
             traces::stamp_log_lines();
             tracing_subscriber::fmt::layer()
+                .with_writer(writer)
                 .json()
                 .flatten_event(true)
                 .with_current_span(true)
@@ -55,7 +127,7 @@ pub fn init(format: LogFormat) -> anyhow::Result<Option<Tracing>> {
     // `try_init` fails only when a subscriber is already installed (tests).
     let _ = tracing_subscriber::registry().with(filter).with(otel).with(fmt).try_init();
     traces::keep_log_dispatch();
-    Ok(tracing)
+    Ok((tracing, guard))
 }
 
 /// A JSON line format that begins each line of a traced call with its

@@ -223,7 +223,16 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
 /// error, found before any connection is tried.
 fn endpoint_uri(addr: &str, tls: bool) -> Result<String, String> {
     let addr = addr.trim();
-    let usage = || format!("invalid --addr {addr:?}: expected HOST:PORT or http(s)://HOST:PORT");
+    // Credentials in the address (`user:secret@`) are refused, and never
+    // repeated in the message.
+    let shown = match addr.rsplit_once('@') {
+        Some((before, host)) => match before.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://<credentials hidden>@{host}"),
+            None => format!("<credentials hidden>@{host}"),
+        },
+        None => addr.to_owned(),
+    };
+    let usage = || format!("invalid --addr {shown:?}: expected HOST:PORT or http(s)://HOST:PORT");
     if addr.contains('@') || addr.contains('#') {
         return Err(usage());
     }

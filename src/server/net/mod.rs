@@ -17,9 +17,10 @@
 //! connection may idle: keepalive pings bound a peer that stops answering,
 //! and `--max-connection-age` bounds every connection.
 //!
-//! Every accepted connection also holds one of `--max-connections` slots
-//! until it closes; over the cap a new connection is closed at once and
-//! counted. A failed accept (out of descriptors: EMFILE, ENFILE) backs off,
+//! Every accepted connection also holds a place in its listener's
+//! [`budget`] until it closes; when the budget is spent, the connection idle
+//! the longest gives way (GOAWAY, then closed), and only when none is idle is
+//! the newcomer closed at once and counted. A failed accept (out of descriptors: EMFILE, ENFILE) backs off,
 //! from 10 ms doubling to 250 ms while failures last, instead of retrying at
 //! once in a loop that spins a core; each one is logged and counted.
 
@@ -38,7 +39,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::mpsc,
     time::{Instant, Sleep},
 };
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
@@ -47,8 +48,11 @@ use tonic::transport::server::{Connected, TcpIncoming};
 use self::tls::Tls;
 use crate::api::PeerInfo;
 
+pub(super) mod budget;
 mod progress;
 pub(super) mod tls;
+
+pub use budget::{Budget, CallsLayer, ConnInfo};
 
 pub use progress::Protocol;
 use progress::{Due, Frames, Progress};
@@ -56,14 +60,14 @@ use progress::{Due, Frames, Progress};
 /// The longest wait after a failed accept.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(250);
 
-/// What every listener does with an accepted connection: a slot under
-/// `--max-connections` (none left: closed at once and counted), and the
-/// handshake deadline; a failed accept backs off, logged and counted.
+/// What every listener does with an accepted connection: a place in its
+/// budget (see [`budget`]), and the handshake deadline; a failed accept
+/// backs off, logged and counted.
 #[derive(Debug, Clone)]
 pub struct Admission {
     timeout: Duration,
     protocol: Protocol,
-    slots: Arc<Semaphore>,
+    slots: Arc<Budget>,
     backoff_ms: Arc<AtomicU64>,
 }
 
@@ -82,7 +86,7 @@ pub(crate) struct Ticket {
     pub deadline: Instant,
     timeout: Duration,
     protocol: Protocol,
-    slot: OwnedSemaphorePermit,
+    slot: budget::Slot,
 }
 
 impl Ticket {
@@ -96,7 +100,7 @@ impl Ticket {
 impl Admission {
     /// Connections speaking `protocol` get `timeout` for each request's
     /// headers (the first counted from the accept) and share `slots`.
-    pub fn new(timeout: Duration, protocol: Protocol, slots: Arc<Semaphore>) -> Self {
+    pub fn new(timeout: Duration, protocol: Protocol, slots: Arc<Budget>) -> Self {
         Self { timeout, protocol, slots, backoff_ms: Arc::default() }
     }
 
@@ -106,8 +110,8 @@ impl Admission {
             Ok(stream) => {
                 self.backoff_ms.store(0, Ordering::Relaxed);
                 let peer = stream.peer_addr().ok();
-                match self.slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
+                match self.slots.admit() {
+                    Some(slot) => {
                         let ticket = Ticket {
                             peer,
                             deadline: Instant::now() + self.timeout,
@@ -117,9 +121,9 @@ impl Admission {
                         };
                         Some(Admitted { stream, ticket })
                     }
-                    Err(_) => {
+                    None => {
                         crate::telemetry::metrics::record_connection_refused("max_connections");
-                        tracing::debug!(?peer, "closing a connection over --max-connections");
+                        tracing::debug!(?peer, "closing a connection: every place is taken by a call");
                         None
                     }
                 }
@@ -142,9 +146,9 @@ impl Admission {
 #[derive(Debug)]
 pub enum Conn {
     /// Plain text.
-    Plain(Box<DeadlineStream<TcpStream>>, PeerInfo),
+    Plain(Box<DeadlineStream<TcpStream>>, ConnInfo),
     /// After its TLS handshake.
-    Tls(Box<DeadlineStream<tokio_rustls::server::TlsStream<TcpStream>>>, PeerInfo),
+    Tls(Box<DeadlineStream<tokio_rustls::server::TlsStream<TcpStream>>>, ConnInfo),
 }
 
 /// The connections of `incoming` that `admission` lets in, with TLS
@@ -169,7 +173,8 @@ pub fn connections(
             match &tls {
                 None => {
                     let peer = PeerInfo { remote: admitted.ticket.peer, certs: None };
-                    let conn = Conn::Plain(Box::new(admitted.ticket.wrap(admitted.stream)), peer);
+                    let info = ConnInfo { peer, activity: admitted.ticket.slot.activity.clone() };
+                    let conn = Conn::Plain(Box::new(admitted.ticket.wrap(admitted.stream)), info);
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
@@ -247,9 +252,11 @@ const GOAWAY: [u8; 17] = [0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 pub struct DeadlineStream<S> {
     inner: S,
     progress: Progress,
-    /// The server's own HTTP/2 frames, followed until the first request so
-    /// that a GOAWAY can be put between two of them.
+    /// The server's own HTTP/2 frames, followed so that a GOAWAY can be put
+    /// between two of them.
     written: Option<Frames>,
+    /// Resolves when the connection's budget tells it to close.
+    closing: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
     armed: bool,
@@ -259,8 +266,8 @@ pub struct DeadlineStream<S> {
     stall: Pin<Box<Sleep>>,
     stalled: bool,
     peer: Option<SocketAddr>,
-    /// Its place under `--max-connections`, given back when it closes.
-    _slot: OwnedSemaphorePermit,
+    /// Its place in its listener's budget, given back when it closes.
+    _slot: budget::Slot,
 }
 
 impl<S> DeadlineStream<S> {
@@ -270,6 +277,7 @@ impl<S> DeadlineStream<S> {
             inner,
             progress: Progress::new(ticket.protocol),
             written,
+            closing: Box::pin(ticket.slot.activity.closing()),
             timeout: ticket.timeout,
             deadline: Box::pin(tokio::time::sleep_until(ticket.deadline)),
             armed: true,
@@ -325,10 +333,12 @@ impl<S> DeadlineStream<S> {
 }
 
 impl<S: AsyncWrite + Unpin> DeadlineStream<S> {
-    /// Tells a client that never made a request to go away (GOAWAY, last
-    /// stream 0), if the server's stream is between two frames: a client
-    /// that connected early and is idle reconnects cleanly. Best effort:
-    /// the connection is closed next either way.
+    /// Tells a client to go away (GOAWAY, last stream 0), if the server's
+    /// stream is between two frames: a client that never made a request, or
+    /// has none open (see [`budget`]), reconnects cleanly, and one whose new
+    /// call crossed the GOAWAY knows it was not processed (the order calls
+    /// are safe to retry whatever was written). Best effort: the connection
+    /// is closed next either way.
     fn say_goaway(&mut self, cx: &mut Context<'_>) {
         if !self.written.as_ref().is_some_and(Frames::at_boundary) {
             return;
@@ -351,6 +361,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeadlineStream<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.closing.as_mut().poll(cx).is_ready() {
+            this.say_goaway(cx);
+            tracing::debug!(peer = ?this.peer, "closing a connection its listener's budget let go");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed by its budget",
+            )));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -366,9 +384,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeadlineStream<S> {
                         )));
                     }
                     this.apply(due);
-                    if !this.progress.before_first_request() {
-                        this.written = None;
-                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -503,7 +518,7 @@ impl AsyncWrite for Conn {
 }
 
 impl Connected for Conn {
-    type ConnectInfo = PeerInfo;
+    type ConnectInfo = ConnInfo;
 
     /// The peer's address and TLS client certificates, for every request.
     fn connect_info(&self) -> Self::ConnectInfo {

@@ -5,7 +5,7 @@
 //!   request's headers after it ([`super`]);
 //! - a refused handshake (an unknown CA, a certificate without
 //!   `clientAuth`, a client speaking plain text to the TLS port) is logged
-//!   with the peer and the reason, at most [`LOGGED_REFUSALS_PER_SECOND`] a
+//!   with the peer and the reason, at most [`crate::telemetry::LOGGED_PER_SECOND`] a
 //!   second (the rest are counted in the log line that follows), and always
 //!   counted in `orders_tls_handshake_failures_total`;
 //! - the certificate, key and client CA are read again when their files
@@ -19,7 +19,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -30,18 +30,17 @@ use tokio_rustls::{
     rustls::{
         RootCertStore, ServerConfig,
         crypto::ring::default_provider,
+        pki_types::UnixTime,
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-        server::WebPkiClientVerifier,
+        server::{WebPkiClientVerifier, danger::ClientCertVerifier},
     },
 };
 
-use super::{Admitted, Conn};
+use super::{Admitted, Conn, ConnInfo};
 use crate::api::PeerInfo;
 
 /// How often the certificate files are checked for changes.
 pub const FILES_POLL: Duration = Duration::from_secs(2);
-/// Most refused handshakes logged one by one in a second.
-pub const LOGGED_REFUSALS_PER_SECOND: u32 = 10;
 
 /// The files TLS is made of.
 #[derive(Debug, Clone)]
@@ -70,15 +69,9 @@ impl TlsFiles {
 pub struct Tls {
     files: TlsFiles,
     config: RwLock<Arc<ServerConfig>>,
-    refusals: Mutex<RefusalLog>,
-}
-
-/// The refused handshakes logged in the current second.
-#[derive(Debug)]
-struct RefusalLog {
-    second: tokio::time::Instant,
-    logged: u32,
-    suppressed: u32,
+    /// The client certificate verifier in force, if client CAs are set.
+    verifier: RwLock<Option<Arc<dyn ClientCertVerifier>>>,
+    refusals: crate::telemetry::Throttle,
 }
 
 fn read(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -86,7 +79,7 @@ fn read(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// A server config from `files`.
-fn build(files: &TlsFiles) -> anyhow::Result<ServerConfig> {
+fn build(files: &TlsFiles) -> anyhow::Result<(ServerConfig, Option<Arc<dyn ClientCertVerifier>>)> {
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(&read("--tls-cert", &files.cert)?)
             .collect::<Result<_, _>>()
@@ -98,6 +91,7 @@ fn build(files: &TlsFiles) -> anyhow::Result<ServerConfig> {
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
+    let mut client_verifier: Option<Arc<dyn ClientCertVerifier>> = None;
     let builder = match &files.client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
@@ -108,33 +102,57 @@ fn build(files: &TlsFiles) -> anyhow::Result<ServerConfig> {
                 .allow_unauthenticated()
                 .build()
                 .context("--tls-client-ca")?;
+            client_verifier = Some(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_single_cert(certs, key).context("--tls-cert and --tls-key do not match")?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    Ok((config, client_verifier))
 }
 
 impl Tls {
     /// Loads `files`; fails with a message naming the flag at fault.
     pub fn load(files: TlsFiles) -> anyhow::Result<Self> {
-        let config = build(&files)?;
-        let second = tokio::time::Instant::now();
+        let (config, verifier) = build(&files)?;
         Ok(Self {
             files,
             config: RwLock::new(Arc::new(config)),
-            refusals: Mutex::new(RefusalLog { second, logged: 0, suppressed: 0 }),
+            verifier: RwLock::new(verifier),
+            refusals: crate::telemetry::Throttle::default(),
         })
     }
 
     /// Reads the files again; on error the settings in force stay.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let config = build(&self.files)?;
+        let (config, verifier) = build(&self.files)?;
         // A poisoned lock only means a panic elsewhere while swapping an Arc.
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *self.verifier.write().unwrap_or_else(|e| e.into_inner()) = verifier;
         Ok(())
+    }
+
+    /// Tells every connection of `budget` whose client certificate the
+    /// client CAs in force no longer vouch for to close (a CA rotated away
+    /// must not keep working on connections it let in); returns how many.
+    pub fn close_untrusted(&self, budget: &super::Budget) -> usize {
+        let Some(verifier) = self.verifier.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return 0;
+        };
+        let now = UnixTime::now();
+        let mut closed = 0;
+        for activity in budget.connections() {
+            let Some((leaf, intermediates)) = activity.certs.get().and_then(|chain| chain.split_first())
+            else {
+                continue;
+            };
+            if verifier.verify_client_cert(leaf, intermediates, now).is_err() {
+                activity.evict("client_ca");
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// The TLS handshake of `admitted`, within its handshake deadline: the
@@ -150,7 +168,11 @@ impl Tls {
                     .1
                     .peer_certificates()
                     .map(|chain| Arc::new(chain.iter().map(|c| c.clone().into_owned()).collect()));
-                let info = PeerInfo { remote: peer, certs };
+                let activity = ticket.slot.activity.clone();
+                if let Some(certs) = &certs {
+                    let _ = activity.certs.set(Arc::clone(certs));
+                }
+                let info = ConnInfo { peer: PeerInfo { remote: peer, certs }, activity };
                 Some(Conn::Tls(Box::new(ticket.wrap(tls)), info))
             }
             Ok(Err(error)) => {
@@ -167,28 +189,22 @@ impl Tls {
     /// Logs (at a bounded rate) and counts a refused handshake.
     fn refused(&self, peer: Option<std::net::SocketAddr>, reason: &str) {
         crate::telemetry::metrics::record_tls_handshake_failure();
-        let mut log = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
-        let now = tokio::time::Instant::now();
-        if now.duration_since(log.second) >= Duration::from_secs(1) {
-            if log.suppressed > 0 {
+        if let Some(left_out) = self.refusals.admit() {
+            if left_out > 0 {
                 tracing::warn!(
-                    suppressed = log.suppressed,
+                    suppressed = left_out,
                     "more TLS handshakes were refused (not logged one by one)"
                 );
             }
-            *log = RefusalLog { second: now, logged: 0, suppressed: 0 };
-        }
-        if log.logged < LOGGED_REFUSALS_PER_SECOND {
-            log.logged += 1;
             tracing::warn!(?peer, reason, "refused a TLS handshake");
-        } else {
-            log.suppressed += 1;
         }
     }
 }
 
 /// Reloads `tls` whenever one of its files changes, until `stop` changes.
-pub async fn follow_files(tls: Arc<Tls>, mut stop: watch::Receiver<bool>) {
+/// Then the connections whose client certificate is no longer trusted are
+/// closed (see [`Tls::close_untrusted`]).
+pub async fn follow_files(tls: Arc<Tls>, budget: Arc<super::Budget>, mut stop: watch::Receiver<bool>) {
     let mut last = tls.files.contents();
     let mut polls = tokio::time::interval(FILES_POLL);
     polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -203,7 +219,13 @@ pub async fn follow_files(tls: Arc<Tls>, mut stop: watch::Receiver<bool>) {
         }
         last = now;
         match tls.reload() {
-            Ok(()) => tracing::info!("reloaded the TLS certificate and key"),
+            Ok(()) => {
+                let closed = tls.close_untrusted(&budget);
+                tracing::info!(
+                    closed,
+                    "reloaded the TLS certificate and key; closed the connections no client CA vouches for any more"
+                );
+            }
             Err(error) => {
                 crate::telemetry::metrics::record_tls_reload_failure();
                 tracing::error!("keeping the TLS certificate in force: {error:#}");

@@ -1,0 +1,324 @@
+//! One listener's connection budget, and what gives way when it is spent.
+//!
+//! Every listener (gRPC, `--health-listen`, metrics) has a budget of its own,
+//! so a flood of one port cannot take another's connections: a kubelet's
+//! probe on the health port never waits on what the gRPC port holds. Every
+//! admitted connection is registered here with its [`Activity`]: how many
+//! calls it has open, and since when it has had none.
+//!
+//! When a listener's budget is spent, the newcomer is not refused: the
+//! connection that has waited longest without a call open gives way (an
+//! idle connection, one still sending its first request's headers, or a
+//! half-sent call's), is told GOAWAY and closed; only when every connection
+//! has a call open is the newcomer closed. A connection with no call open for
+//! `--max-connection-idle` is closed the same way (gRPC's
+//! `max_connection_idle`). Both are counted in
+//! `orders_connections_evicted_total{reason}`.
+//!
+//! hyper and tonic bound connections only as a whole (no per-connection idle
+//! timer, no eviction), and tower's limits count requests, not connections:
+//! hence this registry. Calls are counted by [`CallsLayer`], which also
+//! hands the connection's [`PeerInfo`] to the layers below it.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{body::Body, codegen::http};
+
+use crate::api::PeerInfo;
+
+/// A client certificate chain.
+pub type Certs = Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>;
+
+/// What one connection is doing, as its listener's budget sees it.
+#[derive(Debug)]
+pub struct Activity {
+    id: u64,
+    /// When it was accepted.
+    pub accepted: Instant,
+    open_calls: AtomicUsize,
+    /// When it last had no call open, in milliseconds after `accepted`.
+    idle_since_ms: AtomicU64,
+    /// Health Watch streams it has open (see `server::health`).
+    pub watches: AtomicUsize,
+    /// The client certificate chain of its TLS handshake, if any: checked
+    /// again when the client CA is reloaded.
+    pub certs: OnceLock<Certs>,
+    /// Cancelled when the connection must close (evicted, idle too long,
+    /// or its client certificate no longer trusted).
+    close: CancellationToken,
+    told: AtomicBool,
+}
+
+impl Activity {
+    fn new(id: u64) -> Self {
+        Self {
+            id,
+            accepted: Instant::now(),
+            open_calls: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            watches: AtomicUsize::new(0),
+            certs: OnceLock::new(),
+            close: CancellationToken::new(),
+            told: AtomicBool::new(false),
+        }
+    }
+
+    fn idle_since(&self) -> Option<Instant> {
+        (self.open_calls.load(Ordering::Acquire) == 0)
+            .then(|| self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed)))
+    }
+
+    fn call_started(&self) {
+        self.open_calls.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn call_ended(&self) {
+        let since = Instant::now().saturating_duration_since(self.accepted).as_millis() as u64;
+        self.idle_since_ms.store(since, Ordering::Relaxed);
+        self.open_calls.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Tells the connection to close (GOAWAY, then closed), counted by
+    /// `reason`. The first reason given is the one counted.
+    pub fn evict(&self, reason: &'static str) {
+        if !self.told.swap(true, Ordering::AcqRel) {
+            crate::telemetry::metrics::record_connection_evicted(reason);
+            self.close.cancel();
+        }
+    }
+
+    /// Resolves when the connection must close.
+    pub(super) fn closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.close.clone().cancelled_owned()
+    }
+}
+
+/// The connections one listener holds, at most `most`.
+#[derive(Debug)]
+pub struct Budget {
+    most: usize,
+    next_id: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<Activity>>>,
+}
+
+/// A connection's place in its listener's budget, given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    budget: Arc<Budget>,
+    pub activity: Arc<Activity>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut live = self.budget.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.remove(&self.activity.id);
+    }
+}
+
+impl Budget {
+    /// A budget of `most` connections (at least one).
+    pub fn new(most: usize) -> Arc<Self> {
+        Arc::new(Self { most: most.max(1), next_id: AtomicU64::new(0), live: Mutex::default() })
+    }
+
+    /// A place for a new connection. When all are taken, the connection
+    /// idle the longest gives way; when none is idle, there is no place.
+    pub fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        // Connections told to close still hold their descriptor for a moment,
+        // but no longer their place.
+        live.retain(|_, activity| !activity.close.is_cancelled());
+        if live.len() >= self.most {
+            let oldest = live
+                .values()
+                .filter_map(|activity| Some((activity.idle_since()?, activity)))
+                .min_by_key(|(since, _)| *since)
+                .map(|(_, activity)| activity.clone())?;
+            oldest.evict("budget");
+            live.remove(&oldest.id);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity::new(id));
+        live.insert(id, activity.clone());
+        Some(Slot { budget: self.clone(), activity })
+    }
+
+    /// Tells every connection with no call open for `idle` to close.
+    pub fn close_idle(&self, idle: Duration) {
+        let now = Instant::now();
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        for activity in live.values() {
+            if activity.idle_since().is_some_and(|since| now.saturating_duration_since(since) >= idle) {
+                activity.evict("idle");
+            }
+        }
+    }
+
+    /// Every connection open now.
+    pub fn connections(&self) -> Vec<Arc<Activity>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+}
+
+/// Closes `budget`'s connections idle for `idle`, checking every tenth of
+/// it (at most every second), until `stop` changes.
+pub async fn close_idle(budget: Arc<Budget>, idle: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticks =
+        tokio::time::interval((idle / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => budget.close_idle(idle),
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// What tonic puts in every request's extensions about its connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Who is at the other end.
+    pub peer: PeerInfo,
+    /// What the connection is doing.
+    pub activity: Arc<Activity>,
+}
+
+/// Wraps a service in [`Calls`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallsLayer;
+
+impl<S> tower::Layer<S> for CallsLayer {
+    type Service = Calls<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Calls(inner)
+    }
+}
+
+/// Counts each call as open on its connection from its headers until its
+/// answer ends (or is dropped), and puts the connection's [`PeerInfo`] in
+/// the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Calls<S>(S);
+
+/// A call open on a connection; closed when dropped.
+#[derive(Debug)]
+struct OpenCall(Arc<Activity>);
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        self.0.call_ended();
+    }
+}
+
+impl<S, R> tower::Service<http::Request<Body>> for Calls<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    R::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let open = request.extensions().get::<ConnInfo>().cloned().map(|info| {
+            info.activity.call_started();
+            request.extensions_mut().insert(info.peer);
+            OpenCall(info.activity)
+        });
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(match open {
+                Some(open) => response.map(|body| Body::new(Counted { body: Body::new(body), _open: open })),
+                None => response.map(Body::new),
+            })
+        })
+    }
+}
+
+/// An answer's body, holding its call open until it ends.
+struct Counted {
+    body: Body,
+    _open: OpenCall,
+}
+
+impl http_body::Body for Counted {
+    type Data = <Body as http_body::Body>::Data;
+    type Error = <Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_idle_connection_gives_way_and_a_busy_one_never_does() {
+        let budget = Budget::new(2);
+        let first = budget.admit().unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let second = budget.admit().unwrap();
+        // Full: the first (idle longest) gives way.
+        let third = budget.admit().unwrap();
+        assert!(first.activity.close.is_cancelled());
+        assert!(!second.activity.close.is_cancelled());
+        // Both left busy: no place for a newcomer.
+        second.activity.call_started();
+        third.activity.call_started();
+        assert!(budget.admit().is_none());
+        // A call ends: that connection is idle, and gives way.
+        third.activity.call_ended();
+        assert!(budget.admit().is_some());
+        assert!(third.activity.close.is_cancelled());
+        assert!(!second.activity.close.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_connections_idle_long_enough_are_closed() {
+        let budget = Budget::new(8);
+        let idle = budget.admit().unwrap();
+        let busy = budget.admit().unwrap();
+        busy.activity.call_started();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let fresh = budget.admit().unwrap();
+        budget.close_idle(Duration::from_secs(5));
+        assert!(idle.activity.close.is_cancelled());
+        assert!(!busy.activity.close.is_cancelled());
+        assert!(!fresh.activity.close.is_cancelled());
+        drop(idle);
+        assert_eq!(budget.connections().len(), 2);
+    }
+}
