@@ -219,6 +219,7 @@ async fn orderctl_takes_host_port_and_refuses_a_malformed_address_at_once(engine
         "http://h:1/path",
         "127.0.0.1:0",
         "user@127.0.0.1:50051",
+        "http://user:SECRET-PASSWORD@127.0.0.1:50051",
     ];
     for bad in bad_addresses {
         let started = std::time::Instant::now();
@@ -230,6 +231,7 @@ async fn orderctl_takes_host_port_and_refuses_a_malformed_address_at_once(engine
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
         assert!(stderr.contains("--addr"), "{bad}: {stderr}");
+        assert!(!stderr.contains("SECRET"), "credentials are never repeated: {stderr}");
         assert!(started.elapsed() < std::time::Duration::from_secs(5), "{bad}: refused at once, not retried");
     }
     let orderctl = |args: &[&str]| {

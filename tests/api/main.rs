@@ -9,6 +9,7 @@ mod edges;
 mod expiry;
 mod failover;
 mod failures;
+mod floods;
 mod get_order;
 mod helpers;
 mod hostile;

@@ -911,6 +911,26 @@ async fn the_tls_certificate_is_reloaded_when_its_files_change() {
     assert!(server.metric("orders_tls_reload_failures_total").await >= 1.0, "the failed reload is counted");
 }
 
+/// A client CA rotated away ends the connections it vouched for at the
+/// reload (they used to keep working until --max-connection-age), and a
+/// new connection with its certificate is refused.
+#[tokio::test]
+async fn a_client_ca_rotated_away_ends_the_connections_it_vouched_for() {
+    let (old, new) = (Pki::new(), Pki::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = tls_server(&old, dir.path()).await;
+    let mut client = old.client(server.addr, Some("spiffe")).await.expect("the old CA is trusted");
+    client.place_order(limit_order(&new_key())).await.expect("served before the rotation");
+
+    // Only the client CA changes: the server's own certificate stays.
+    std::fs::copy(new.path("ca.pem"), dir.path().join("ca.pem")).unwrap();
+    let reloaded = server.log("reloaded the TLS certificate and key").await;
+    assert_eq!(reloaded["closed"], 1, "the connection the old CA vouched for is closed: {reloaded}");
+    let answer = client.place_order(limit_order(&new_key())).await;
+    assert!(answer.is_err(), "the old CA's certificate is served no more: {answer:?}");
+    assert!(server.metric("orders_connections_evicted_total{reason=\"client_ca\"}").await >= 1.0);
+}
+
 /// Passwords in a database URL never reach the output, even as parameters
 /// the driver does not know (it logs those with their value).
 #[tokio::test]

@@ -509,9 +509,9 @@ fn answered(error: &sqlx::Error) -> bool {
             let dying = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_none_or(|e| {
                 matches!(e.severity(), sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic)
             });
-            let connection_lost =
-                e.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P"));
-            !dying && !connection_lost
+            let code = e.code();
+            let code = code.as_deref().unwrap_or_default();
+            rolled_back_unfinished(code) || (!dying && !code.starts_with("08") && !code.starts_with("57P"))
         }
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         _ => false,
@@ -526,17 +526,35 @@ fn db_error_again(context: &'static str, source: crate::error::BoxError) -> Erro
     }
 }
 
+/// Whether `code` says the server ended the session because its
+/// transaction waited for the client (`idle_in_transaction_session_timeout`,
+/// Postgres 17's `transaction_timeout`): the timer runs only while the
+/// server waits for the next statement, so the COMMIT had not been read and
+/// the transaction was rolled back. Nothing was written, though the
+/// connection is gone (a `FATAL`).
+fn rolled_back_unfinished(code: &str) -> bool {
+    matches!(code, "25P03" | "25P04")
+}
+
+/// Whether retrying later can succeed, by SQLSTATE: the connection or
+/// server is gone, the server is out of resources or shutting down, a
+/// transaction was ended before its COMMIT, a standby refused a write, a
+/// statement was cancelled, a serialization failure or deadlock, a lock not
+/// granted in time.
+fn retryable_code(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources
+        || code.starts_with("57P") // admin or crash shutdown, cannot connect now
+        || rolled_back_unfinished(code)
+        || matches!(code, "57014" | "25006" | "40001" | "40P01" | "55P03")
+}
+
 /// Whether retrying later can succeed: the connection or server is gone,
 /// the server is out of resources or shutting down, a standby refused a
 /// write, a statement was cancelled, or no pooled connection was free.
 fn is_unavailable(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
-            code.starts_with("08") // connection exception
-                || code.starts_with("53") // insufficient resources
-                || code.starts_with("57P") // admin or crash shutdown, cannot connect now
-                || matches!(&*code, "57014" | "25006" | "40001" | "40P01" | "55P03")
-        }),
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| retryable_code(&code)),
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
@@ -622,5 +640,50 @@ impl TryFrom<OrderRow> for Order {
             update_time: from_datetime(row.update_time),
         }
         .try_into()
+    }
+}
+
+#[cfg(test)]
+mod error_classes {
+    use super::{retryable_code, rolled_back_unfinished};
+
+    /// Every class of SQLSTATE the service can meet, and what it answers:
+    /// retryable (`UNAVAILABLE`, or "not written" when the write was sent
+    /// and the server answered) or not (`INTERNAL`).
+    #[test]
+    fn database_errors_map_to_codes_class_by_class() {
+        let retryable = [
+            ("08006", "connection failure"),
+            ("08P01", "protocol violation"),
+            ("53300", "too many connections"),
+            ("53100", "disk full"),
+            ("57P01", "admin shutdown (pg_terminate_backend)"),
+            ("57P05", "idle session timeout"),
+            ("25P03", "idle in transaction session timeout"),
+            ("25P04", "transaction timeout"),
+            ("57014", "statement timeout or cancel"),
+            ("25006", "read-only transaction (a standby)"),
+            ("40001", "serialization failure"),
+            ("40P01", "deadlock"),
+            ("55P03", "lock not available"),
+        ];
+        for (code, what) in retryable {
+            assert!(retryable_code(code), "{code} ({what}) is retryable");
+        }
+        let internal = [
+            ("23505", "unique violation"),
+            ("23502", "not null violation"),
+            ("22003", "numeric out of range"),
+            ("42P01", "undefined table"),
+            ("42501", "insufficient privilege"),
+            ("XX000", "internal error"),
+        ];
+        for (code, what) in internal {
+            assert!(!retryable_code(code), "{code} ({what}) is not retryable");
+        }
+        // A session ended while its transaction waited for the client was
+        // rolled back before any COMMIT: not written, though FATAL.
+        assert!(rolled_back_unfinished("25P03") && rolled_back_unfinished("25P04"));
+        assert!(!rolled_back_unfinished("57P01"), "a terminated backend may have committed");
     }
 }

@@ -1,0 +1,372 @@
+//! Floods a hostile caller can send without credentials, each held for a
+//! few seconds against the server binary: a kubelet-style probe (a fresh
+//! connection, one health Check, a 1 s timeout, every 0.5 s) on the gRPC
+//! and the health port is answered every time, an authenticated caller's
+//! calls all succeed, the server's memory stays under the ceiling (256 MiB,
+//! half the manifests' limit) and comes back near where it started. Each
+//! flood prints its row of the table in docs/security.md.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use order_service::proto::{ListOrdersRequest, order_service_client::OrderServiceClient};
+use prost::bytes::Bytes;
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::Notify, task::JoinSet};
+use tonic::Request;
+
+use crate::helpers::{Engine, TestDatabase, process::ServerProcess, tokens_file};
+
+/// One flood at a time: each measures the server's answers within 1 s on a
+/// 2-core machine, which a second flood beside it would not leave alone
+/// (scripts/test also runs this module apart, one test at a time).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The memory ceiling under every flood.
+const RSS_CEILING_KB: u64 = 256 * 1024;
+/// How long each flood is held.
+const HELD: Duration = Duration::from_secs(4);
+
+/// What one flood did to the server.
+#[derive(Debug, Default)]
+struct Seen {
+    probes_sent: [u32; 2],
+    probes_answered: [u32; 2],
+    calls: u32,
+    calls_failed: u32,
+    rss_before_kb: u64,
+    rss_peak_kb: u64,
+    rss_after_kb: u64,
+}
+
+/// A server with a health port, an auth token, and what it needs of each.
+struct Target {
+    server: ServerProcess,
+    health: SocketAddr,
+    token: String,
+    _dir: tempfile::TempDir,
+    _database: Arc<TestDatabase>,
+    _alone: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Target {
+    async fn start(extra: &[&str]) -> Target {
+        let alone = ONE_AT_A_TIME.lock().await;
+        let database = TestDatabase::new(Engine::Sqlite).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (token, tokens) = tokens_file(dir.path(), "alice");
+        let mut args = vec![
+            "--database-url",
+            &database.url,
+            "--auth-tokens-file",
+            tokens.to_str().unwrap(),
+            "--health-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let server = ServerProcess::start(&args).await;
+        let health = server.health_addr();
+        Target { server, health, token, _dir: dir, _database: database, _alone: alone }
+    }
+
+    /// Runs `flood` for [`HELD`] beside the probes and the authenticated
+    /// caller, then stops it and waits (at most 10 s) for memory to settle.
+    async fn under<F, Fut>(&self, name: &str, flood: F) -> Seen
+    where
+        F: FnOnce(SocketAddr, SocketAddr, Arc<AtomicBool>, Arc<Notify>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut seen = Seen { rss_before_kb: self.server.rss_kb(), ..Seen::default() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let established = Arc::new(Notify::new());
+        let flood = tokio::spawn(flood(self.server.addr, self.health, stop.clone(), established.clone()));
+        // Measure once the flood holds what it opened.
+        tokio::time::timeout(Duration::from_secs(30), established.notified())
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the flood took hold within 30 s"));
+        let mut caller = OrderServiceClient::new(crate::helpers::channel(self.server.addr).await);
+        let started = std::time::Instant::now();
+        while started.elapsed() < HELD {
+            for (port, addr) in [self.server.addr, self.health].into_iter().enumerate() {
+                seen.probes_sent[port] += 1;
+                seen.probes_answered[port] += u32::from(probe(addr).await);
+            }
+            let mut request = Request::new(ListOrdersRequest { page_size: 1, ..Default::default() });
+            request.metadata_mut().insert("authorization", format!("Bearer {}", self.token).parse().unwrap());
+            request.set_timeout(Duration::from_secs(1));
+            seen.calls += 1;
+            let answer = tokio::time::timeout(Duration::from_secs(1), caller.list_orders(request)).await;
+            if !matches!(answer, Ok(Ok(_))) {
+                seen.calls_failed += 1;
+                println!("{name}: the authenticated call failed: {answer:?}");
+            }
+            seen.rss_peak_kb = seen.rss_peak_kb.max(self.server.rss_kb());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        flood.abort();
+        let _ = flood.await;
+        for _ in 0..100 {
+            seen.rss_peak_kb = seen.rss_peak_kb.max(self.server.rss_kb());
+            seen.rss_after_kb = self.server.rss_kb();
+            if seen.rss_after_kb <= seen.rss_before_kb + 32 * 1024 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "| {name} | {}/{} | {}/{} | {}/{} | {} / {} / {} MiB |",
+            seen.probes_answered[0],
+            seen.probes_sent[0],
+            seen.probes_answered[1],
+            seen.probes_sent[1],
+            seen.calls_failed,
+            seen.calls,
+            seen.rss_before_kb / 1024,
+            seen.rss_peak_kb / 1024,
+            seen.rss_after_kb / 1024,
+        );
+        seen
+    }
+}
+
+/// Every probe answered, every authenticated call served, memory bounded
+/// and back near its start.
+fn assert_unharmed(name: &str, seen: &Seen) {
+    assert_eq!(
+        seen.probes_answered, seen.probes_sent,
+        "{name}: every probe on both ports answered: {seen:?}"
+    );
+    assert_eq!(seen.calls_failed, 0, "{name}: every authenticated call served: {seen:?}");
+    assert!(seen.rss_peak_kb < RSS_CEILING_KB, "{name}: memory under the ceiling: {seen:?}");
+    assert!(
+        seen.rss_after_kb <= seen.rss_before_kb + 32 * 1024,
+        "{name}: memory back near its start: {seen:?}"
+    );
+}
+
+/// A kubelet's gRPC probe: a fresh connection, one Check, 1 s for both.
+async fn probe(addr: SocketAddr) -> bool {
+    let check = async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?.connect().await.ok()?;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(1), check).await, Ok(Some(_)))
+}
+
+/// An HTTP/2 connection (h2, as a hostile client would drive it).
+async fn h2_connection(addr: SocketAddr) -> Option<h2::client::SendRequest<Bytes>> {
+    let tcp = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await.ok()?.ok()?;
+    let (sender, connection) =
+        tokio::time::timeout(Duration::from_millis(500), h2::client::handshake(tcp)).await.ok()?.ok()?;
+    tokio::spawn(connection);
+    Some(sender)
+}
+
+/// A whole gRPC request for `path` with an empty message; the answer's
+/// future is returned unread.
+fn grpc_request(
+    sender: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> Option<h2::client::ResponseFuture> {
+    let request = tonic::codegen::http::Request::post(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .ok()?;
+    let (response, mut body) = sender.send_request(request, false).ok()?;
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).ok()?;
+    Some(response)
+}
+
+/// Connections to one port, each making one whole health Check and then
+/// idling: the other port's probes, and this port's, are still answered
+/// (the longest idle give way to newcomers).
+// Two threads: the flood must not starve the test's own caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_held_idle_after_a_call_starve_no_probe() {
+    let target = Target::start(&["--max-connections", "64", "--health-max-connections", "16"]).await;
+    for (name, on_health) in [("idle connections, gRPC port", false), ("idle connections, health port", true)]
+    {
+        let seen = target
+            .under(name, move |grpc, health, stop, established| async move {
+                let addr = if on_health { health } else { grpc };
+                let mut held = Vec::new();
+                while !stop.load(Ordering::SeqCst) && held.len() < 256 {
+                    let Some(mut sender) = h2_connection(addr).await else { continue };
+                    if let Some(response) = grpc_request(&mut sender, "/grpc.health.v1.Health/Check") {
+                        let _ = tokio::time::timeout(Duration::from_millis(500), response).await;
+                    }
+                    held.push(sender);
+                }
+                established.notify_one();
+                std::future::pending::<()>().await;
+            })
+            .await;
+        assert_unharmed(name, &seen);
+    }
+    assert!(target.server.metric("orders_connections_evicted_total{reason=\"budget\"}").await > 0.0);
+}
+
+/// Health Watches, 128 a connection on many connections, on each port:
+/// counted against their budgets (the rest refused), memory stays bounded.
+// Two threads: the flood must not starve the test's own caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_floods_are_bounded_on_both_ports() {
+    let target = Target::start(&[]).await;
+    for (name, on_health) in [("watches, gRPC port", false), ("watches, health port", true)] {
+        let seen = target
+            .under(name, move |grpc, health, stop, established| async move {
+                let addr = if on_health { health } else { grpc };
+                let (mut senders, mut held) = (Vec::new(), Vec::new());
+                for _ in 0..100 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Some(mut sender) = h2_connection(addr).await else { continue };
+                    for _ in 0..128 {
+                        sender = match sender.clone().ready().await {
+                            Ok(ready) => ready,
+                            Err(_) => break,
+                        };
+                        match grpc_request(&mut sender, "/grpc.health.v1.Health/Watch") {
+                            Some(response) => held.push(response),
+                            None => break,
+                        }
+                    }
+                    senders.push(sender);
+                }
+                established.notify_one();
+                std::future::pending::<()>().await;
+            })
+            .await;
+        assert_unharmed(name, &seen);
+    }
+    assert!(target.server.metric("orders_health_watches_refused_total").await > 0.0, "refusals are counted");
+}
+
+/// Calls refused for their credentials, as fast as they can be sent: each
+/// is counted, few are logged, and the probes and callers keep being served.
+// Two threads: the flood must not starve the test's own caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_are_counted_always_and_logged_at_a_bounded_rate() {
+    let target = Target::start(&[]).await;
+    let sent = Arc::new(AtomicU32::new(0));
+    let counter = sent.clone();
+    let seen = target
+        .under("refused calls", move |grpc, _, stop, established| async move {
+            established.notify_one();
+            let mut tasks = JoinSet::new();
+            for _ in 0..8 {
+                let (stop, counter) = (stop.clone(), counter.clone());
+                tasks.spawn(async move {
+                    let mut client = OrderServiceClient::new(crate::helpers::channel(grpc).await);
+                    while !stop.load(Ordering::SeqCst) {
+                        let _ = client.list_orders(ListOrdersRequest::default()).await;
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+            tasks.join_all().await;
+        })
+        .await;
+    assert_unharmed("refused calls", &seen);
+    let sent = f64::from(sent.load(Ordering::SeqCst));
+    let counted = target
+        .server
+        .metric(
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"orders.v1.OrderService\",\
+             grpc_method=\"ListOrders\",grpc_code=\"Unauthenticated\"}",
+        )
+        .await;
+    let logged = target
+        .server
+        .lines()
+        .iter()
+        .filter(|line| line.contains("refused a call before reading its message"))
+        .count();
+    println!("refused calls: {sent} sent, {counted} counted, {logged} logged one by one");
+    assert!(counted >= sent - 8.0 && sent > 200.0, "every refused call is counted: {counted} of {sent}");
+    // 10 a second, for the few seconds of the flood.
+    assert!(logged <= 10 * 8, "refused calls are logged at a bounded rate: {logged}");
+}
+
+/// Idle and trickling connections holding the metrics port: a scrape still
+/// succeeds (the connection idle longest gives way).
+#[tokio::test]
+async fn metrics_are_scraped_while_idle_connections_hold_the_port() {
+    let target = Target::start(&[]).await;
+    let metrics_addr = target.server.metrics_addr.clone().unwrap();
+    let mut held = Vec::new();
+    for i in 0..24 {
+        let mut stream = TcpStream::connect(&metrics_addr).await.unwrap();
+        if i % 2 == 0 {
+            // A keep-alive scrape, then idle.
+            let request = format!("GET /metrics HTTP/1.1\r\nHost: {metrics_addr}\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+        } else {
+            // A request trickling in, one byte so far.
+            stream.write_all(b"G").await.unwrap();
+        }
+        held.push(stream);
+    }
+    for _ in 0..5 {
+        let scrape =
+            tokio::time::timeout(Duration::from_secs(2), crate::operations::scrape(&metrics_addr)).await;
+        assert!(scrape.is_ok(), "a scrape succeeds while 24 idle connections hold the port");
+    }
+    drop(held);
+}
+
+/// Refused calls carrying a sampled `traceparent` are never sampled from it:
+/// under `parentbased_always_off`, only an authenticated caller's sampled
+/// parent makes a span.
+#[tokio::test]
+async fn refused_calls_never_choose_their_sampling() {
+    let mut collector = crate::helpers::collector::Collector::start().await;
+    let database = TestDatabase::new(Engine::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (token, tokens) = tokens_file(dir.path(), "alice");
+    let endpoint = collector.endpoint();
+    let server = ServerProcess::start_with_env(
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ],
+        &["--database-url", &database.url, "--auth-tokens-file", tokens.to_str().unwrap()],
+    )
+    .await;
+    let mut client = OrderServiceClient::new(crate::helpers::channel(server.addr).await);
+    let refused_trace = "0af7651916cd43dd8448eb211c80319c";
+    for _ in 0..20 {
+        let mut request = Request::new(ListOrdersRequest::default());
+        let parent = format!("00-{refused_trace}-b7ad6b7169203331-01");
+        request.metadata_mut().insert("traceparent", parent.parse().unwrap());
+        assert!(client.list_orders(request).await.is_err(), "refused without credentials");
+    }
+    let served_trace = "1af7651916cd43dd8448eb211c80319d";
+    let mut request = Request::new(ListOrdersRequest::default());
+    request
+        .metadata_mut()
+        .insert("traceparent", format!("00-{served_trace}-b7ad6b7169203331-01").parse().unwrap());
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    client.list_orders(request).await.expect("served");
+    let spans = collector
+        .until("the served call's span", |spans| spans.iter().any(|s| s.trace_id() == served_trace))
+        .await;
+    assert!(
+        spans.iter().all(|span| span.trace_id() != refused_trace),
+        "no span of a refused call was sampled from its traceparent"
+    );
+    drop(server);
+    collector.stop().await;
+}
