@@ -63,8 +63,8 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let (tracing, logs) = match telemetry::init(config.log_format) {
-        Ok(installed) => installed,
+    let tracing = match telemetry::init(config.log_format) {
+        Ok(tracing) => tracing,
         Err(error) => {
             eprintln!("error: {error:#}");
             return ExitCode::from(2);
@@ -87,6 +87,7 @@ async fn main() -> ExitCode {
             tokio::spawn(async move {
                 signals.recv().await;
                 tracing::warn!("second signal: exiting at once");
+                telemetry::flush_logs();
                 std::process::exit(1);
             });
         })
@@ -100,7 +101,7 @@ async fn main() -> ExitCode {
             tokio::task::spawn_blocking(move || tracing.shutdown(std::time::Duration::from_secs(5))).await;
     }
     // The lines still waiting are written before the process exits.
-    drop(logs);
+    telemetry::flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

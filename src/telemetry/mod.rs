@@ -78,6 +78,18 @@ pub const LOG_BUFFER_LINES: usize = 8192;
 static DROPPED_LINES: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
     std::sync::OnceLock::new();
 
+/// The log writer's guard: dropping it writes the lines still waiting.
+static LOG_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Writes the log lines still waiting, and stops the log writer: call it
+/// last, before the process exits (`std::process::exit` runs no
+/// destructor, so a line logged just before it would be lost).
+pub fn flush_logs() {
+    let guard = LOG_WRITER.lock().unwrap_or_else(|e| e.into_inner()).take();
+    drop(guard);
+}
+
 /// Log lines dropped so far because stdout did not keep up.
 pub fn log_lines_dropped() -> u64 {
     DROPPED_LINES.get().map_or(0, |counter| counter.dropped_lines() as u64)
@@ -85,12 +97,10 @@ pub fn log_lines_dropped() -> u64 {
 
 /// Installs the global subscriber, with the OpenTelemetry layer when the
 /// environment configures an OTLP endpoint; returns the tracer provider to
-/// flush at exit, and the log writer's guard, which writes the lines still
-/// waiting when dropped. Fails on trace settings that cannot work. A second
-/// call installs nothing (tests).
-pub fn init(
-    format: LogFormat,
-) -> anyhow::Result<(Option<Tracing>, tracing_appender::non_blocking::WorkerGuard)> {
+/// flush at exit (and [`flush_logs`] writes the log lines still waiting).
+/// Fails on trace settings that cannot work. A second call installs nothing
+/// (tests).
+pub fn init(format: LogFormat) -> anyhow::Result<Option<Tracing>> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // sqlx warns of a connect parameter it does not know with its value
     // (`sslpassword=…`): that line is never written, whatever RUST_LOG says.
@@ -107,6 +117,7 @@ pub fn init(
         .thread_name("order-service-logs")
         .finish(std::io::stdout());
     let _ = DROPPED_LINES.set(writer.error_counter());
+    *LOG_WRITER.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer).boxed(),
         LogFormat::Json => {
@@ -127,7 +138,7 @@ pub fn init(
     // `try_init` fails only when a subscriber is already installed (tests).
     let _ = tracing_subscriber::registry().with(filter).with(otel).with(fmt).try_init();
     traces::keep_log_dispatch();
-    Ok((tracing, guard))
+    Ok(tracing)
 }
 
 /// A JSON line format that begins each line of a traced call with its
