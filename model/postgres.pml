@@ -26,7 +26,10 @@
  *                         the key's advisory lock; a key it did not insert is
  *                         looked up after it (a live key answered: replayed or
  *                         refused), else (locked elsewhere, expired, purged,
- *                         or the batch refused) placed alone on the paths below
+ *                         or the batch refused) placed alone on the paths below;
+ *                         a key locked elsewhere waits there only with a place
+ *                         in the pool's share for such waits, else KeyInUse
+ *                         at once (PgStore::key_waiters)
  *   one_statement_path    PgStore::place_one without a transaction
  *                         (place::place_new_or_live)
  *   transaction_path      PgStore::place_one's transaction (place::place,
@@ -355,6 +358,10 @@ proctype Caller(byte me; byte fp) {
      :: true -> skip
      fi;
 alone:
+        /* a key the batch left out waits for the call holding it only with
+           a place in the pool's share for such waits (PgStore::key_waiters);
+           without one: KeyInUse at once, nothing written */
+        if :: true -> skip :: true -> reply = NOT_WRITTEN; goto answered fi;
 #endif
      if
      :: true ->

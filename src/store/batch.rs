@@ -66,6 +66,10 @@ pub(super) struct Job {
     pub lock_deadline: Instant,
     /// Whether its write was sent: see [`claim`].
     pub attempt: Arc<Attempt>,
+    /// Whether its batch found its key's advisory lock held by another
+    /// call (Postgres): placed alone, it would wait for that call, and only
+    /// a bounded number of such waits may hold pooled connections.
+    pub held_elsewhere: bool,
     /// The caller's span (its database span when traced), which the batch
     /// it rides in links to.
     pub span: tracing::Span,
@@ -79,6 +83,9 @@ pub(super) enum Written {
     /// locked by another call, or already stored): its caller places it
     /// alone, on the engine's ordinary path.
     Alone,
+    /// As `Alone`, and its key's advisory lock is held by another call
+    /// in flight (see [`Job::held_elsewhere`]).
+    Held,
 }
 
 /// How a whole batch failed.
@@ -236,6 +243,7 @@ pub(super) async fn place_order<E: GroupCommit>(
         deadline_bound,
         lock_deadline,
         attempt: attempt.clone(),
+        held_elsewhere: false,
         span: tracing::Span::current(),
     };
     let Some(queues) = engine.queues() else {
@@ -381,6 +389,7 @@ async fn run_batch<E: GroupCommit>(engine: &E, jobs: Vec<Job>) -> Vec<Answer> {
             .map(|(job, written)| match written {
                 Written::Placed(placed) => Answer::Placed(placed),
                 Written::Alone => alone(job),
+                Written::Held => alone(Job { held_elsewhere: true, ..job }),
             })
             .collect(),
         Err(BatchFailure::NotWritten(error)) => {

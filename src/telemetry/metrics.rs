@@ -66,6 +66,9 @@ pub const CONNECTIONS_REFUSED: &str = "orders_connections_refused_total";
 pub const CONNECTIONS_EVICTED: &str = "orders_connections_evicted_total";
 /// Health Watch streams refused over their listener's or connection's budget.
 pub const WATCHES_REFUSED: &str = "orders_health_watches_refused_total";
+/// PlaceOrders told at once that their key is in use, because the pool's
+/// share for waiting on keys held elsewhere was taken (Postgres).
+pub const KEY_WAITS_REFUSED: &str = "orders_key_waits_refused_total";
 /// Log lines dropped because stdout did not keep up.
 pub const LOG_LINES_DROPPED: &str = "orders_log_lines_dropped_total";
 /// Connections closed for not sending a request's headers within
@@ -167,6 +170,10 @@ fn describe() {
         "Connections told to close by their listener's budget, by reason."
     );
     describe_counter!(WATCHES_REFUSED, "Health Watch streams refused over their budget.");
+    describe_counter!(
+        KEY_WAITS_REFUSED,
+        "PlaceOrders refused at once: the pool's share for waiting on held keys was taken."
+    );
     describe_counter!(LOG_LINES_DROPPED, "Log lines dropped because stdout did not keep up.");
     describe_counter!(CONNECTIONS_TIMED_OUT, "Connections closed by their deadline, by stage.");
     describe_counter!(ACCEPT_ERRORS, "Accepts that failed (out of descriptors, ...).");
@@ -650,6 +657,11 @@ pub fn record_accept_error() {
 /// Counts a connection its listener's budget told to close.
 pub fn record_connection_evicted(reason: &'static str) {
     metrics::counter!(CONNECTIONS_EVICTED, "reason" => reason).increment(1);
+}
+
+/// Counts a PlaceOrder refused at once for a key held elsewhere.
+pub fn record_key_wait_refused() {
+    metrics::counter!(KEY_WAITS_REFUSED).increment(1);
 }
 
 /// Counts a Watch refused over its budget.

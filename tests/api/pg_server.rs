@@ -373,7 +373,89 @@ async fn health_follows_whether_postgres_takes_writes(engine: Engine) {
     assert_eq!(readiness.next().await, ServingStatus::Serving);
 }
 
+/// New keys placed by `callers` callers, each placing one after another,
+/// during `window`.
+async fn new_keys_placed(app: &crate::helpers::TestApp, callers: usize, window: Duration) -> usize {
+    let until = std::time::Instant::now() + window;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..callers {
+        let mut client = app.client.clone();
+        tasks.spawn(async move {
+            let mut placed = 0;
+            while std::time::Instant::now() < until {
+                let mut request = tonic::Request::new(limit_order(&new_key()));
+                request.set_timeout(Duration::from_secs(2));
+                if client.place_order(request).await.is_ok() {
+                    placed += 1;
+                }
+            }
+            placed
+        });
+    }
+    tasks.join_all().await.into_iter().sum()
+}
+
+/// A session holds 30 keys' advisory locks (as stuck calls elsewhere would)
+/// while 30 callers retry those keys (as RetryInfo says): waiting for a held key
+/// takes at most a quarter of the pool, so new keys keep being written at
+/// half their rate or more (they fell to 1% when every retry waited on a
+/// pooled connection). Group commit on: its batch is what tells a key held
+/// elsewhere (with `--pg-max-batch 1` the bound does not apply).
+async fn a_few_stuck_keys_hold_only_themselves(engine: Engine) {
+    let app = spawn_app_with(engine, |c| c.pg_max_batch = 256).await;
+    let url = app.config.database_url.clone();
+    let window = Duration::from_secs(3);
+    let before = new_keys_placed(&app, 16, window).await;
+
+    let stuck: Vec<String> = (0..30).map(|_| new_key()).collect();
+    let mut holder = PgConnection::connect(&url).await.unwrap();
+    let locks: Vec<String> = stuck
+        .iter()
+        .map(|key| format!("pg_advisory_xact_lock(hashtextextended('anonymous/{key}', 0))"))
+        .collect();
+    let sql = format!("begin; select {};", locks.join(", "));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut holder).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut retriers = tokio::task::JoinSet::new();
+    for key in stuck.clone() {
+        let (mut client, stop) = (app.client.clone(), stop.clone());
+        retriers.spawn(async move {
+            let mut in_use = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match client.place_order(limit_order(&key)).await {
+                    Err(status) if status.code() == Code::Aborted => {
+                        in_use += 1;
+                        // As a well-behaved caller does: wait as RetryInfo says.
+                        let delay = status.get_error_details().retry_info().and_then(|info| info.retry_delay);
+                        tokio::time::sleep(delay.unwrap_or(Duration::from_millis(100))).await;
+                    }
+                    Err(status) if status.code() == Code::Unavailable && !may_have_written(&status) => {}
+                    other => panic!("a held key is never placed while held: {other:?}"),
+                }
+            }
+            in_use
+        });
+    }
+    let during = new_keys_placed(&app, 16, window).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let in_use: u32 = retriers.join_all().await.into_iter().sum();
+    sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
+    let ratio = during as f64 / before.max(1) as f64;
+    println!(
+        "30 keys held, 30 callers retrying them: new keys {before} before, {during} during ({ratio:.2}x) \
+         in {window:?} at 16 callers; the held keys' retries were told IDEMPOTENCY_KEY_IN_USE {in_use} times"
+    );
+    assert!(before > 0 && ratio >= 0.5, "new keys keep being written: {during} during vs {before} before");
+    // Released, each held key is placed once.
+    for key in &stuck {
+        let mut client = app.client.clone();
+        let placed = client.place_order(limit_order(key)).await.expect("placed once released");
+        assert!(!placed.into_inner().replayed);
+    }
+}
+
 postgres_tests!(
+    a_few_stuck_keys_hold_only_themselves,
     health_follows_the_database_down_and_up_without_a_restart,
     health_follows_whether_postgres_takes_writes,
     tls_to_postgres_follows_the_urls_sslmode,

@@ -91,8 +91,8 @@ pub(super) const STATEMENT_SLACK: Duration = Duration::from_secs(1);
 /// serves without a sort, so the plan stays a lookup by key whatever the
 /// statistics, as in `read_keys`); the keys whose advisory lock it takes, inserted
 /// unless stored or guarded; the orders of the keys it inserted; per job
-/// (its position `n`), whether its lock was taken and the creation time of
-/// its order, if created.
+/// (its position `n`), the creation time of its order, if created, and
+/// whether its lock was taken.
 const INSERT_BATCH: &str = concat!(
     r"with input as (
           select * from unnest($1::text[], $2::uuid[], $3::bytea[], $4::uuid[], $5::bigint[],
@@ -130,7 +130,7 @@ const INSERT_BATCH: &str = concat!(
                  i.quantity, i.limit_price, i.time_in_force, i.status, k.create_time, k.create_time
           from input i join keys k on k.order_id = i.order_id
           returning order_id)
-      select i.n, k.create_time
+      select i.n, k.create_time, i.n in (select n from locked) as took_lock
       from input i left join keys k on k.order_id = i.order_id
       order by i.n"
 );
@@ -183,10 +183,10 @@ impl GroupCommit for PgStore {
         let mut stored_keys = Vec::new();
         for (&i, created) in taken.iter().zip(created) {
             written[i] = match created {
-                Some(order) => Written::Placed(Ok((order, Placement::Created))),
-                None => {
+                (Some(order), _) => Written::Placed(Ok((order, Placement::Created))),
+                (None, took_lock) => {
                     stored_keys.push(i);
-                    Written::Alone
+                    if took_lock { Written::Alone } else { Written::Held }
                 }
             };
         }
@@ -281,11 +281,16 @@ async fn read_keys(conn: &mut PgConnection, keys: &[KeyId]) -> Result<HashMap<Ke
 
 /// Runs [`INSERT_BATCH`] for `jobs`: per job, its created order, or `None`
 /// if its key was not inserted (nothing was written for it).
-async fn insert_batch(conn: &mut PgConnection, jobs: &[&Job]) -> Result<Vec<Option<Order>>, sqlx::Error> {
+/// Each job's order, if created, and whether its key's advisory lock was
+/// taken (false: another call holds it).
+async fn insert_batch(
+    conn: &mut PgConnection,
+    jobs: &[&Job],
+) -> Result<Vec<(Option<Order>, bool)>, sqlx::Error> {
     let orders: Vec<(KeyRecord<'_>, Order)> =
         jobs.iter().map(|job| KeyRecord::new(&job.account, &job.new, job.ttl)).collect();
     let column = |f: fn(&Order) -> &str| -> Vec<&str> { orders.iter().map(|(_, order)| f(order)).collect() };
-    let rows: Vec<(i64, Option<DateTime<Utc>>)> = sqlx::query_as(INSERT_BATCH)
+    let rows: Vec<(i64, Option<DateTime<Utc>>, bool)> = sqlx::query_as(INSERT_BATCH)
         .bind(orders.iter().map(|(key, _)| key.account_id.as_str()).collect::<Vec<_>>())
         .bind(orders.iter().map(|(key, _)| key.client_request_id.uuid()).collect::<Vec<_>>())
         .bind(orders.iter().map(|(key, _)| key.fingerprint.0.to_vec()).collect::<Vec<_>>())
@@ -300,12 +305,17 @@ async fn insert_batch(conn: &mut PgConnection, jobs: &[&Job]) -> Result<Vec<Opti
         .bind(column(|order| order.status.as_str()))
         .fetch_all(&mut *conn)
         .await?;
-    let mut created: Vec<Option<Order>> = jobs.iter().map(|_| None).collect();
+    // A job the statement did not name counts as locked by this batch: it
+    // is then placed alone like any key the batch did not insert.
+    let mut created: Vec<(Option<Order>, bool)> = jobs.iter().map(|_| (None, true)).collect();
     let mut orders = orders.into_iter().map(|(_, order)| Some(order)).collect::<Vec<_>>();
-    for (n, at) in rows {
+    for (n, at, took_lock) in rows {
         let i = usize::try_from(n - 1).unwrap_or(usize::MAX);
+        if let Some(job) = created.get_mut(i) {
+            job.1 = took_lock;
+        }
         if let (Some(at), Some(order)) = (at, orders.get_mut(i).and_then(Option::take)) {
-            created[i] = Some(stamped(order, from_datetime(at)));
+            created[i].0 = Some(stamped(order, from_datetime(at)));
         }
     }
     Ok(created)
@@ -364,6 +374,7 @@ mod tests {
             deadline_bound: false,
             lock_deadline: Instant::now() + wait,
             attempt: Default::default(),
+            held_elsewhere: false,
             span: tracing::Span::none(),
         }
     }
@@ -403,7 +414,7 @@ mod tests {
             .into_iter()
             .map(|w| match w {
                 Written::Placed(placed) => placed,
-                Written::Alone => panic!("sent alone"),
+                Written::Alone | Written::Held => panic!("sent alone"),
             })
             .collect();
         assert!(

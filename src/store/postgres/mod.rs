@@ -8,7 +8,7 @@
 //! with `IDEMPOTENCY_KEY_IN_USE`. Migrations take Postgres's advisory lock, so
 //! replicas starting together apply them once.
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -55,6 +55,16 @@ pub struct PgStore {
     /// Where PlaceOrders queue for group commit (none when `pg_max_batch`
     /// is 1).
     queues: Option<Queues>,
+    /// The places of PlaceOrders that wait, on a pooled connection, for a
+    /// key whose advisory lock another call holds: a quarter of the pool
+    /// (at least one), so that a few stuck keys, retried again and again,
+    /// cannot take every connection from the new keys' batches.
+    key_waiters: Arc<tokio::sync::Semaphore>,
+}
+
+/// The share of the pool that waits for keys held elsewhere may take.
+pub(crate) fn key_waiter_places(max_connections: u32) -> usize {
+    (max_connections as usize / 4).max(1)
 }
 
 fn to_datetime(t: Timestamp) -> DateTime<Utc> {
@@ -91,6 +101,16 @@ impl PgStore {
                 // here is by key or by index, where the generic plan is the
                 // custom one.
                 ("plan_cache_mode", "force_generic_plan".to_owned()),
+                // The server notices a client that vanished (a network cut
+                // off, a host gone) within about 25 s rather than the
+                // kernel's 2 h, and ends its session, rolling back what it
+                // had not committed and releasing its keys' locks. Not
+                // `client_connection_check_interval`: it would also end a
+                // commit waiting for a synchronous standby, leaving it
+                // visible before the standby has it.
+                ("tcp_keepalives_idle", "10".to_owned()),
+                ("tcp_keepalives_interval", "5".to_owned()),
+                ("tcp_keepalives_count", "3".to_owned()),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
@@ -111,7 +131,8 @@ impl PgStore {
             .connect_with(connect)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        let mut store = Self { pool, lock_timeout: options.lock_timeout, queues: None };
+        let key_waiters = Arc::new(tokio::sync::Semaphore::new(key_waiter_places(options.max_connections)));
+        let mut store = Self { pool, lock_timeout: options.lock_timeout, queues: None, key_waiters };
         if options.pg_max_batch > 1 {
             store.queues = Some(Queues::start(store.clone(), options.pg_max_batch));
         }
@@ -122,7 +143,21 @@ impl PgStore {
     /// batch sent back): one statement for a new key, one read for a live
     /// one, a transaction for an expired one.
     async fn place_one(&self, job: Job) -> Result<(Order, Placement), Error> {
-        let Job { account, new, ttl, lock_wait, lock_deadline, attempt, .. } = job;
+        let Job { account, new, ttl, lock_wait, lock_deadline, attempt, held_elsewhere, .. } = job;
+        // A key held by another call in flight: waiting for it takes a
+        // pooled connection for up to the lock wait, so only a bounded
+        // number may; the others are told at once that the key is in use
+        // (nothing written; retry later), as a wait that ran out would be.
+        let _waiting = match held_elsewhere {
+            false => None,
+            true => match self.key_waiters.clone().try_acquire_owned() {
+                Ok(place) => Some(place),
+                Err(_) => {
+                    crate::telemetry::metrics::record_key_wait_refused();
+                    return Err(Error::KeyInUse);
+                }
+            },
+        };
         let (account, attempt) = (&account, &*attempt);
         // A job its batch sent back has waited already: it waits what is
         // left of its lock wait.

@@ -293,6 +293,7 @@ mod tests {
                     deadline_bound: false,
                     lock_deadline,
                     attempt,
+                    held_elsewhere: false,
                     span,
                 }
             })
