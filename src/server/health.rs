@@ -196,9 +196,16 @@ pub(super) fn set_health(health: &Health, serving: bool) {
     metrics::set_serving(serving);
 }
 
+/// How long group commit's writers may try batches and write none before
+/// readiness says so: no healthy batch takes this long (each gives up at
+/// `--lock-timeout` + 1 s).
+pub(super) const WRITERS_STUCK_AFTER: Duration = Duration::from_secs(2);
+
 /// Probes the database every `interval` until `stop` changes (does it
-/// answer, and take writes): health turns NOT_SERVING while the probe fails
-/// and SERVING when it passes again. Also samples the pool gauges.
+/// answer, and take writes), and looks at the batch writers (are they
+/// writing, when there are orders to write): health turns NOT_SERVING while
+/// the probe fails or no batch gets written, and SERVING when both pass
+/// again. Also samples the pool gauges.
 pub(super) async fn follow_database(
     store: Store,
     health: Health,
@@ -214,7 +221,8 @@ pub(super) async fn follow_database(
             _ = stop.changed() => return,
         }
         let answer = tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await;
-        let ok = matches!(answer, Ok(Ok(())));
+        let stuck = store.writers_stuck(WRITERS_STUCK_AFTER);
+        let ok = matches!(answer, Ok(Ok(()))) && !stuck;
         for (pool, size, idle) in store.pool_stats() {
             metrics::set_pool(pool, size, idle);
         }
@@ -229,6 +237,10 @@ pub(super) async fn follow_database(
             } else {
                 let error = match answer {
                     Ok(Err(e)) => format!("{e:?}"),
+                    Ok(Ok(())) if stuck => format!(
+                        "the batch writers have written nothing for {}",
+                        humantime::format_duration(WRITERS_STUCK_AFTER)
+                    ),
                     _ => "no answer in time".to_owned(),
                 };
                 tracing::warn!(%error, "the database fails its health probe: NOT_SERVING");

@@ -204,6 +204,56 @@ type KeyLookup = (KeyId, oneshot::Sender<Result<Option<StoredKey>, Error>>);
 pub(super) struct Queues {
     writes: mpsc::Sender<Queued>,
     lookups: Option<mpsc::Sender<KeyLookup>>,
+    /// Whether the batch writers are getting anything written.
+    pub progress: Arc<WriterProgress>,
+}
+
+/// Whether the batch writers get anything written, for readiness: a
+/// database that answers its health probe can still write nothing (a
+/// table lock, a hung backend per batch), and then no PlaceOrder can be
+/// placed. Times are milliseconds after `base`; 0 is "none".
+#[derive(Debug)]
+pub(super) struct WriterProgress {
+    base: Instant,
+    /// When the first batch began that no written batch has followed.
+    unwritten_since: std::sync::atomic::AtomicU64,
+    /// When a batch last began or ended.
+    last_activity: std::sync::atomic::AtomicU64,
+}
+
+impl WriterProgress {
+    fn new() -> Self {
+        Self { base: Instant::now(), unwritten_since: Default::default(), last_activity: Default::default() }
+    }
+
+    fn now(&self) -> u64 {
+        Instant::now().saturating_duration_since(self.base).as_millis() as u64 + 1
+    }
+
+    fn began(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.now();
+        let _ = self.unwritten_since.compare_exchange(0, now, Relaxed, Relaxed);
+        self.last_activity.store(now, Relaxed);
+    }
+
+    fn ended(&self, wrote: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if wrote {
+            self.unwritten_since.store(0, Relaxed);
+        }
+        self.last_activity.store(self.now(), Relaxed);
+    }
+
+    /// Whether batches have been tried for `after` and none was written,
+    /// and they are still being tried (without calls there is nothing to
+    /// judge: an idle writer is not a stuck one).
+    pub fn stuck(&self, after: Duration) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (now, after) = (self.now(), after.as_millis() as u64);
+        let since = self.unwritten_since.load(Relaxed);
+        since != 0 && now - since >= after && now - self.last_activity.load(Relaxed) < after
+    }
 }
 
 impl Queues {
@@ -211,13 +261,14 @@ impl Queues {
     /// its batch reader, each taking up to `max_batch` waiting calls at once.
     pub fn start<E: GroupCommit>(engine: E, max_batch: usize) -> Self {
         let (writes, queued) = mpsc::channel(max_batch * 4);
-        tokio::spawn(batch_writer(engine.clone(), max_batch, queued));
+        let progress = Arc::new(WriterProgress::new());
+        tokio::spawn(batch_writer(engine.clone(), max_batch, queued, progress.clone()));
         let lookups = E::LOOKS_UP_FIRST.then(|| {
             let (lookups, keys) = mpsc::channel(max_batch * 4);
             tokio::spawn(batch_reader(engine, max_batch, keys));
             lookups
         });
-        Self { writes, lookups }
+        Self { writes, lookups, progress }
     }
 }
 
@@ -321,7 +372,12 @@ async fn place_alone<E: GroupCommit>(engine: &E, job: Job) -> Placed {
 /// first waiting PlaceOrder, then every other one already waiting (up to
 /// `max_batch`), without waiting for more, and writes them as one batch.
 /// Ends when the store is dropped.
-async fn batch_writer<E: GroupCommit>(engine: E, max_batch: usize, mut queue: mpsc::Receiver<Queued>) {
+async fn batch_writer<E: GroupCommit>(
+    engine: E,
+    max_batch: usize,
+    mut queue: mpsc::Receiver<Queued>,
+    progress: Arc<WriterProgress>,
+) {
     let writers = Arc::new(tokio::sync::Semaphore::new(E::WRITERS));
     let mut waiting = Vec::with_capacity(max_batch);
     loop {
@@ -349,9 +405,11 @@ async fn batch_writer<E: GroupCommit>(engine: E, max_batch: usize, mut queue: mp
         crate::telemetry::metrics::record_batch(jobs.len());
         let span =
             crate::telemetry::traces::batch_span(E::SYSTEM, jobs.len(), jobs.iter().map(|job| &job.span));
-        let engine = engine.clone();
+        let (engine, progress) = (engine.clone(), progress.clone());
+        progress.began();
         let write = async move {
-            let answers = run_batch(&engine, jobs).await;
+            let (answers, wrote) = run_batch(&engine, jobs).await;
+            progress.ended(wrote);
             drop(writer);
             for (reply, answer) in replies.into_iter().zip(answers) {
                 // The caller may have given up (deadline): its order still stands.
@@ -369,20 +427,23 @@ async fn batch_writer<E: GroupCommit>(engine: E, max_batch: usize, mut queue: mp
 /// Writes one job as a batch of its own (group commit off), with a
 /// batch's answers.
 pub(super) async fn write_one<E: GroupCommit>(engine: &E, job: Job) -> Placed {
-    match run_batch(engine, vec![job]).await.pop() {
+    match run_batch(engine, vec![job]).await.0.pop() {
         Some(Answer::Placed(placed)) => placed,
         // An engine that sends a job back places it alone itself.
         Some(Answer::Alone(_)) | None => Err(closed()),
     }
 }
 
-/// Writes `jobs` as one batch and answers each.
-async fn run_batch<E: GroupCommit>(engine: &E, jobs: Vec<Job>) -> Vec<Answer> {
+/// Writes `jobs` as one batch and answers each; and whether the batch's
+/// write went through (the database answered it, whatever it answered).
+async fn run_batch<E: GroupCommit>(engine: &E, jobs: Vec<Job>) -> (Vec<Answer>, bool) {
     let n = jobs.len();
     let Some(lock_deadline) = jobs.iter().map(|job| job.lock_deadline).max() else {
-        return Vec::new();
+        return (Vec::new(), true);
     };
-    match engine.write_batch(lock_deadline, &jobs).await {
+    let written = engine.write_batch(lock_deadline, &jobs).await;
+    let wrote = written.is_ok();
+    let answers = match written {
         Ok(written) => jobs
             .into_iter()
             .zip(written)
@@ -424,7 +485,8 @@ async fn run_batch<E: GroupCommit>(engine: &E, jobs: Vec<Job>) -> Vec<Answer> {
                 "the database refused the batch, which wrote nothing; each of its orders is placed alone");
             jobs.into_iter().map(alone).collect()
         }
-    }
+    };
+    (answers, wrote)
 }
 
 /// A job its batch did not write goes back to its caller, its write not

@@ -221,6 +221,17 @@ impl Store {
         dispatch!(self, s => s.pool_stats())
     }
 
+    /// Whether group commit's writers have tried batches for `after` and
+    /// written none (false without group commit, or without calls).
+    pub fn writers_stuck(&self, after: Duration) -> bool {
+        use batch::GroupCommit as _;
+        let queues = match self {
+            Store::Sqlite(s) => s.queues(),
+            Store::Postgres(s) => s.queues(),
+        };
+        queues.is_some_and(|queues| queues.progress.stuck(after))
+    }
+
     /// Closes every pooled connection, waiting for those in use.
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)

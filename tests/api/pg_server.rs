@@ -454,8 +454,44 @@ async fn a_few_stuck_keys_hold_only_themselves(engine: Engine) {
     }
 }
 
+/// A table lock stops every batch (the database still answers its health
+/// probe): readiness turns NOT_SERVING while orders are being tried and
+/// none is written, and SERVING again once one is.
+async fn readiness_tells_when_no_batch_gets_written(engine: Engine) {
+    let app = spawn_app_with(engine, |c| {
+        c.pg_max_batch = 256;
+        c.health_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut readiness = Readiness::watch(app.addr).await;
+    assert_eq!(readiness.next().await, ServingStatus::Serving);
+    let mut holder = PgConnection::connect(&app.config.database_url).await.unwrap();
+    sqlx::raw_sql("begin; lock table idempotency_keys in access exclusive mode")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (mut client, stop) = (app.client.clone(), stop.clone());
+        callers.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = client.place_order(limit_order(&new_key())).await;
+            }
+        });
+    }
+    let not_serving = tokio::time::timeout(Duration::from_secs(20), readiness.next()).await;
+    assert_eq!(not_serving.ok(), Some(ServingStatus::NotServing), "no batch written: not ready");
+    sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
+    let serving = tokio::time::timeout(Duration::from_secs(20), readiness.next()).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    callers.join_all().await;
+    assert_eq!(serving.ok(), Some(ServingStatus::Serving), "written again: ready");
+}
+
 postgres_tests!(
     a_few_stuck_keys_hold_only_themselves,
+    readiness_tells_when_no_batch_gets_written,
     health_follows_the_database_down_and_up_without_a_restart,
     health_follows_whether_postgres_takes_writes,
     tls_to_postgres_follows_the_urls_sslmode,
