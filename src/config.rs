@@ -207,11 +207,13 @@ pub struct Config {
     pub handshake_timeout: Duration,
 
     /// Most connections the gRPC listener holds at once. When all are
-    /// taken, the connection idle the longest (no call open) gives way
-    /// (counted in orders_connections_evicted_total); when every one has a
-    /// call open, the newcomer is closed as soon as it is accepted (counted
-    /// in orders_connections_refused_total). 0 sizes it from the process's
-    /// open-file limit, keeping 64 descriptors plus the database pool free.
+    /// taken, the connection idle the longest (no call open) gives way, else
+    /// the one busy longest with health or reflection calls only (counted in
+    /// orders_connections_evicted_total); when every one has an order call
+    /// open, the newcomer is closed as soon as it is accepted (counted in
+    /// orders_connections_refused_total). 0 sizes it from the process's
+    /// open-file limit, keeping 64 descriptors plus the database pool free,
+    /// and at most 4096.
     #[arg(long, env = "ORDERS_MAX_CONNECTIONS", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_connections: u32,

@@ -58,6 +58,9 @@ impl<S> tower::Layer<S> for MalformedRequestsLayer {
     }
 }
 
+/// How often a refused undecodable message is logged, process-wide.
+static LOGGED: std::sync::LazyLock<crate::telemetry::Throttle> = std::sync::LazyLock::new(Default::default);
+
 /// A service whose undecodable requests answer `INVALID_ARGUMENT`.
 #[derive(Debug, Clone)]
 pub struct MalformedRequests<S>(S);
@@ -87,11 +90,21 @@ where
             let undecodable = headers.get("grpc-message").is_some_and(|m| is_read_failure(m.as_bytes()));
             if internal && undecodable {
                 headers.insert("grpc-status", http::HeaderValue::from(Code::InvalidArgument as i32));
-                tracing::info!(
-                    rpc = uri.path(),
-                    code = "InvalidArgument",
-                    "refused a message that does not decode"
-                );
+                // Counted always (grpc_server_handled_total); logged at a
+                // bounded rate: health and reflection need no credentials.
+                if let Some(left_out) = LOGGED.admit() {
+                    if left_out > 0 {
+                        tracing::info!(
+                            suppressed = left_out,
+                            "more messages that do not decode were refused (not logged one by one)"
+                        );
+                    }
+                    tracing::info!(
+                        rpc = uri.path(),
+                        code = "InvalidArgument",
+                        "refused a message that does not decode"
+                    );
+                }
             }
             Ok(response)
         })

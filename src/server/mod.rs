@@ -232,12 +232,20 @@ impl Application {
         let addr = listener.local_addr().context("reading the bound address")?;
 
         let health = Health::new();
-        let watches = || health::WatchBudget {
-            total: Arc::new(tokio::sync::Semaphore::new(config.max_watches as usize)),
+        // A listener's Watches never take more than half its connections:
+        // Watches alone can never leave a newcomer no place.
+        let watches = |connections: usize| health::WatchBudget {
+            total: Arc::new(tokio::sync::Semaphore::new(
+                (config.max_watches as usize).min(connections / 2).max(1),
+            )),
             per_connection: config.max_watches_per_connection as usize,
             lifetime: config.max_connection_age + health::WATCH_AGE_GRACE,
         };
-        let health_service = health.service(watches());
+        let max_connections = match config.max_connections {
+            0 => net::default_max_connections(64 + u64::from(config.db_max_connections)),
+            n => n as usize,
+        };
+        let health_service = health.service(watches(max_connections));
         // Health and reflection answer callers nobody has authenticated:
         // their requests are a service name or a symbol, so a message over
         // OPEN_SERVICE_MAX_MESSAGE is refused from its length prefix instead
@@ -265,10 +273,6 @@ impl Application {
             request_timeout: config.request_timeout,
             max_concurrent_requests: config.max_concurrent_requests,
             faults,
-        };
-        let max_connections = match config.max_connections {
-            0 => net::default_max_connections(64 + u64::from(config.db_max_connections)),
-            n => n as usize,
         };
         tracing::info!(max_connections, "connections are capped");
         // Each listener has a budget of its own (see net::budget): a flood
@@ -332,12 +336,18 @@ impl Application {
                 background_rx.clone(),
             ));
             let own = net::Admission::new(config.handshake_timeout, net::Protocol::Http2, budget);
-            let incoming = net::connections(TcpIncoming::from(listener), own, None);
+            // No Nagle: a probe's answer goes out at once (with it, a
+            // delayed ACK held each answer about 40 ms).
+            let incoming = net::connections(TcpIncoming::from(listener).with_nodelay(Some(true)), own, None);
             let health_only = http2_server(&config)
                 .layer(net::CallsLayer)
                 .layer(metrics::RpcMetricsLayer::default())
                 .layer(open_calls::OpenCallsLayer::new(OPEN_CALLS_UNREAD))
-                .add_service(health.service(watches()).max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE))
+                .add_service(
+                    health
+                        .service(watches(config.health_max_connections as usize))
+                        .max_decoding_message_size(OPEN_SERVICE_MAX_MESSAGE),
+                )
                 .serve_with_incoming_shutdown(incoming, stopped(&servers_rx));
             side_servers.push(tokio::spawn(async move {
                 if let Err(error) = health_only.await {

@@ -216,6 +216,66 @@ async fn connections_held_idle_after_a_call_starve_no_probe() {
     assert!(target.server.metric("orders_connections_evicted_total{reason=\"budget\"}").await > 0.0);
 }
 
+/// An HTTP/2 connection whose flow-control window is 0: no answer's body
+/// can ever be sent on it, so every call it makes stays open.
+async fn h2_zero_window_connection(addr: SocketAddr) -> Option<h2::client::SendRequest<Bytes>> {
+    let tcp = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await.ok()?.ok()?;
+    let handshake = h2::client::Builder::new().initial_window_size(0).handshake(tcp);
+    let (sender, connection) =
+        tokio::time::timeout(Duration::from_millis(500), handshake).await.ok()?.ok()?;
+    tokio::spawn(connection);
+    Some(sender)
+}
+
+/// Calls that never end, without credentials, on every connection a port
+/// has: one Watch on each (within the Watch caps), or a Check whose answer
+/// a zero flow-control window never lets through. Probes on both ports are
+/// still answered: Watches take at most half a listener's connections, and
+/// a connection busy with open-service calls only gives way to a newcomer.
+// Two threads: the flood must not starve the test's own caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_never_end_starve_no_probe() {
+    let target = Target::start(&["--max-connections", "64"]).await;
+    for (name, on_health, zero_window) in [
+        ("a Watch on every connection, health port", true, false),
+        ("a Watch on every connection, gRPC port", false, false),
+        ("stuck Checks (zero window), health port", true, true),
+        ("stuck Checks (zero window), gRPC port", false, true),
+    ] {
+        let seen = target
+            .under(name, move |grpc, health, stop, established| async move {
+                let addr = if on_health { health } else { grpc };
+                let (mut senders, mut held) = (Vec::new(), Vec::new());
+                while !stop.load(Ordering::SeqCst) && senders.len() < 64 {
+                    let connection = if zero_window {
+                        h2_zero_window_connection(addr).await
+                    } else {
+                        h2_connection(addr).await
+                    };
+                    let Some(mut sender) = connection else { continue };
+                    let path = if zero_window {
+                        "/grpc.health.v1.Health/Check"
+                    } else {
+                        "/grpc.health.v1.Health/Watch"
+                    };
+                    if let Some(response) = grpc_request(&mut sender, path) {
+                        // Its headers: the server has the call (a zero
+                        // window holds back only the message).
+                        if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(2), response).await
+                        {
+                            held.push(response);
+                        }
+                    }
+                    senders.push(sender);
+                }
+                established.notify_one();
+                std::future::pending::<()>().await;
+            })
+            .await;
+        assert_unharmed(name, &seen);
+    }
+}
+
 /// Health Watches, 128 a connection on many connections, on each port:
 /// counted against their budgets (the rest refused), memory stays bounded.
 // Two threads: the flood must not starve the test's own caller.
@@ -244,7 +304,16 @@ async fn watch_floods_are_bounded_on_both_ports() {
                     }
                     senders.push(sender);
                 }
+                // Established once the server has answered every Watch
+                // (most of them refused): what is held from then on.
+                let mut open = Vec::new();
+                for response in held {
+                    if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(5), response).await {
+                        open.push(response);
+                    }
+                }
                 established.notify_one();
+                let _held = (senders, open);
                 std::future::pending::<()>().await;
             })
             .await;

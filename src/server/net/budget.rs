@@ -48,8 +48,14 @@ pub struct Activity {
     /// When it was accepted.
     pub accepted: Instant,
     open_calls: AtomicUsize,
+    /// Of those, the order calls (authenticated, bounded by
+    /// `--request-timeout`).
+    open_order_calls: AtomicUsize,
     /// When it last had no call open, in milliseconds after `accepted`.
     idle_since_ms: AtomicU64,
+    /// When its open calls began to be open without a pause, in
+    /// milliseconds after `accepted`.
+    busy_since_ms: AtomicU64,
     /// Health Watch streams it has open (see `server::health`).
     pub watches: AtomicUsize,
     /// The client certificate chain of its TLS handshake, if any: checked
@@ -67,7 +73,9 @@ impl Activity {
             id,
             accepted: Instant::now(),
             open_calls: AtomicUsize::new(0),
+            open_order_calls: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
+            busy_since_ms: AtomicU64::new(0),
             watches: AtomicUsize::new(0),
             certs: OnceLock::new(),
             close: CancellationToken::new(),
@@ -80,14 +88,34 @@ impl Activity {
             .then(|| self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed)))
     }
 
-    fn call_started(&self) {
-        self.open_calls.fetch_add(1, Ordering::AcqRel);
+    /// When it has had calls open without a pause, if only calls to the
+    /// open services (health, reflection): those need no credentials, and
+    /// one whose answer the caller never lets through (a zero flow-control
+    /// window) would otherwise hold the connection's place for ever.
+    fn busy_without_order_calls_since(&self) -> Option<Instant> {
+        (self.open_calls.load(Ordering::Acquire) > 0 && self.open_order_calls.load(Ordering::Acquire) == 0)
+            .then(|| self.accepted + Duration::from_millis(self.busy_since_ms.load(Ordering::Relaxed)))
     }
 
-    fn call_ended(&self) {
-        let since = Instant::now().saturating_duration_since(self.accepted).as_millis() as u64;
-        self.idle_since_ms.store(since, Ordering::Relaxed);
+    fn millis_since_accepted(&self) -> u64 {
+        Instant::now().saturating_duration_since(self.accepted).as_millis() as u64
+    }
+
+    fn call_started(&self, order_call: bool) {
+        if order_call {
+            self.open_order_calls.fetch_add(1, Ordering::AcqRel);
+        }
+        if self.open_calls.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.busy_since_ms.store(self.millis_since_accepted(), Ordering::Relaxed);
+        }
+    }
+
+    fn call_ended(&self, order_call: bool) {
+        self.idle_since_ms.store(self.millis_since_accepted(), Ordering::Relaxed);
         self.open_calls.fetch_sub(1, Ordering::AcqRel);
+        if order_call {
+            self.open_order_calls.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Tells the connection to close (GOAWAY, then closed), counted by
@@ -134,18 +162,28 @@ impl Budget {
     }
 
     /// A place for a new connection. When all are taken, the connection
-    /// idle the longest gives way; when none is idle, there is no place.
+    /// idle the longest gives way; when none is idle, the one busy longest
+    /// with calls to the open services only (a Watch, a call whose answer
+    /// its caller never lets through); when there is none of either, there
+    /// is no place (order calls are authenticated, and end within
+    /// `--request-timeout`). Oldest first: a flood of newcomers reaches a
+    /// probe's connection, milliseconds old, only after every older one.
     pub fn admit(self: &Arc<Self>) -> Option<Slot> {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         // Connections told to close still hold their descriptor for a moment,
         // but no longer their place.
         live.retain(|_, activity| !activity.close.is_cancelled());
         if live.len() >= self.most {
-            let oldest = live
+            let idle = live
                 .values()
                 .filter_map(|activity| Some((activity.idle_since()?, activity)))
-                .min_by_key(|(since, _)| *since)
-                .map(|(_, activity)| activity.clone())?;
+                .min_by_key(|(since, _)| *since);
+            let busy = || {
+                live.values()
+                    .filter_map(|activity| Some((activity.busy_without_order_calls_since()?, activity)))
+                    .min_by_key(|(since, _)| *since)
+            };
+            let oldest = idle.or_else(busy).map(|(_, activity)| activity.clone())?;
             oldest.evict("budget");
             live.remove(&oldest.id);
         }
@@ -213,15 +251,18 @@ impl<S> tower::Layer<S> for CallsLayer {
 #[derive(Debug, Clone)]
 pub struct Calls<S>(S);
 
-/// A call open on a connection; closed when dropped.
+/// A call open on a connection (an order call or not); closed when dropped.
 #[derive(Debug)]
-struct OpenCall(Arc<Activity>);
+struct OpenCall(Arc<Activity>, bool);
 
 impl Drop for OpenCall {
     fn drop(&mut self) {
-        self.0.call_ended();
+        self.0.call_ended(self.1);
     }
 }
+
+/// The order service's paths: the calls that need credentials.
+const ORDER_SERVICE_PATH: &str = "/orders.v1.OrderService/";
 
 impl<S, R> tower::Service<http::Request<Body>> for Calls<S>
 where
@@ -239,10 +280,11 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let order_call = request.uri().path().starts_with(ORDER_SERVICE_PATH);
         let open = request.extensions().get::<ConnInfo>().cloned().map(|info| {
-            info.activity.call_started();
+            info.activity.call_started(order_call);
             request.extensions_mut().insert(info.peer);
-            OpenCall(info.activity)
+            OpenCall(info.activity, order_call)
         });
         let response = self.0.call(request);
         Box::pin(async move {
@@ -295,15 +337,30 @@ mod tests {
         let third = budget.admit().unwrap();
         assert!(first.activity.close.is_cancelled());
         assert!(!second.activity.close.is_cancelled());
-        // Both left busy: no place for a newcomer.
-        second.activity.call_started();
-        third.activity.call_started();
+        // Both left busy with order calls: no place for a newcomer.
+        second.activity.call_started(true);
+        third.activity.call_started(true);
         assert!(budget.admit().is_none());
         // A call ends: that connection is idle, and gives way.
-        third.activity.call_ended();
+        third.activity.call_ended(true);
         assert!(budget.admit().is_some());
         assert!(third.activity.close.is_cancelled());
         assert!(!second.activity.close.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_held_busy_by_open_service_calls_only_gives_way() {
+        let budget = Budget::new(2);
+        let health = budget.admit().unwrap();
+        let orders = budget.admit().unwrap();
+        health.activity.call_started(false);
+        orders.activity.call_started(true);
+        // A health call gives way; an order call never does.
+        let newcomer = budget.admit().expect("the health call gave way");
+        assert!(health.activity.close.is_cancelled());
+        assert!(!orders.activity.close.is_cancelled());
+        newcomer.activity.call_started(true);
+        assert!(budget.admit().is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -311,7 +368,7 @@ mod tests {
         let budget = Budget::new(8);
         let idle = budget.admit().unwrap();
         let busy = budget.admit().unwrap();
-        busy.activity.call_started();
+        busy.activity.call_started(true);
         tokio::time::advance(Duration::from_secs(5)).await;
         let fresh = budget.admit().unwrap();
         budget.close_idle(Duration::from_secs(5));

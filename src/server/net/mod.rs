@@ -227,17 +227,25 @@ impl axum::serve::Listener for GuardedListener {
     }
 }
 
+/// The most connections `--max-connections 0` allows whatever the
+/// open-file limit: each costs about 27 KiB of memory once it has made a
+/// call, so 4,096 hold about 110 MiB, under half the manifests' 512 MiB
+/// limit (the open-file limit alone allowed 19,926 here, 530 MiB).
+pub const MAX_CONNECTIONS_CEILING: usize = 4096;
+
 /// How many connections `--max-connections 0` allows: the soft open-file
-/// limit (from `/proc/self/limits`) less `reserve` descriptors, at least 16;
-/// 4,096 where the limit cannot be read.
+/// limit (from `/proc/self/limits`) less `reserve` descriptors, at least 16,
+/// at most [`MAX_CONNECTIONS_CEILING`] (also where the limit cannot be read).
 pub fn default_max_connections(reserve: u64) -> usize {
     let limit = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
         let line = limits.lines().find(|line| line.starts_with("Max open files"))?;
         line.split_whitespace().nth(3)?.parse::<u64>().ok()
     });
     match limit {
-        Some(limit) => usize::try_from(limit.saturating_sub(reserve).max(16)).unwrap_or(usize::MAX),
-        None => 4096,
+        Some(limit) => usize::try_from(limit.saturating_sub(reserve).max(16))
+            .unwrap_or(usize::MAX)
+            .min(MAX_CONNECTIONS_CEILING),
+        None => MAX_CONNECTIONS_CEILING,
     }
 }
 

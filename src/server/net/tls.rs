@@ -137,22 +137,23 @@ impl Tls {
     /// client CAs in force no longer vouch for to close (a CA rotated away
     /// must not keep working on connections it let in); returns how many.
     pub fn close_untrusted(&self, budget: &super::Budget) -> usize {
-        let Some(verifier) = self.verifier.read().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return 0;
-        };
-        let now = UnixTime::now();
         let mut closed = 0;
         for activity in budget.connections() {
-            let Some((leaf, intermediates)) = activity.certs.get().and_then(|chain| chain.split_first())
-            else {
-                continue;
-            };
-            if verifier.verify_client_cert(leaf, intermediates, now).is_err() {
+            if activity.certs.get().is_some_and(|chain| !self.trusted(chain)) {
                 activity.evict("client_ca");
                 closed += 1;
             }
         }
         closed
+    }
+
+    /// Whether the client CAs in force verify `chain` (true without any).
+    fn trusted(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Some(verifier) = self.verifier.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return true;
+        };
+        let Some((leaf, intermediates)) = chain.split_first() else { return true };
+        verifier.verify_client_cert(leaf, intermediates, UnixTime::now()).is_ok()
     }
 
     /// The TLS handshake of `admitted`, within its handshake deadline: the
@@ -161,7 +162,8 @@ impl Tls {
         let config = self.config.read().unwrap_or_else(|e| e.into_inner()).clone();
         let Admitted { stream, ticket } = admitted;
         let peer = ticket.peer;
-        match tokio::time::timeout_at(ticket.deadline, TlsAcceptor::from(config).accept(stream)).await {
+        match tokio::time::timeout_at(ticket.deadline, TlsAcceptor::from(config.clone()).accept(stream)).await
+        {
             Ok(Ok(tls)) => {
                 let certs = tls
                     .get_ref()
@@ -171,6 +173,17 @@ impl Tls {
                 let activity = ticket.slot.activity.clone();
                 if let Some(certs) = &certs {
                     let _ = activity.certs.set(Arc::clone(certs));
+                    // The client CA may have been reloaded during the
+                    // handshake, after `close_untrusted` looked: checked
+                    // again against the one in force now.
+                    let current = self.config.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    if !Arc::ptr_eq(&current, &config) && !self.trusted(certs) {
+                        self.refused(
+                            peer,
+                            "the client CA changed during the handshake and no longer vouches for it",
+                        );
+                        return None;
+                    }
                 }
                 let info = ConnInfo { peer: PeerInfo { remote: peer, certs }, activity };
                 Some(Conn::Tls(Box::new(ticket.wrap(tls)), info))
