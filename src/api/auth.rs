@@ -265,7 +265,7 @@ pub fn preauthenticate<B>(auth: &Authenticator, request: &mut http::Request<B>) 
 pub struct Authenticated(pub AccountId);
 
 /// The gRPC path prefix of the calls that need credentials.
-const ORDER_SERVICE_PATH: &str = "/orders.v1.OrderService/";
+pub const ORDER_SERVICE_PATH: &str = "/orders.v1.OrderService/";
 
 /// Wraps a service in [`Authenticate`].
 #[derive(Debug, Clone)]

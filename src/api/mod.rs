@@ -13,7 +13,7 @@ pub mod page_token;
 mod status;
 
 pub(crate) use auth::{AuthLayer, Authenticator};
-pub use auth::{check_token_file, new_token, preauthenticate};
+pub use auth::{ORDER_SERVICE_PATH, check_token_file, new_token, preauthenticate};
 pub use convert::{GetOrderBy, ListQuery};
 pub use faults::FaultInjector;
 

@@ -29,9 +29,6 @@ use std::{
 use tonic::{Code, Status, body::Body, codegen::http};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// The order service's paths, which pass through.
-const ORDER_SERVICE_PATH: &str = "/orders.v1.OrderService/";
-
 /// How long a caller refused here should wait before it retries.
 const RETRY_DELAY: Duration = Duration::from_millis(200);
 
@@ -120,7 +117,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path().starts_with(ORDER_SERVICE_PATH) {
+        if request.uri().path().starts_with(crate::api::ORDER_SERVICE_PATH) {
             return Box::pin(self.inner.call(request));
         }
         let place = self.places.take();

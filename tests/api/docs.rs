@@ -128,7 +128,7 @@ fn matches_parts(pattern: &[&str], parts: &[&str]) -> bool {
 
 /// Every test the guarantees page names exists: integration tests in this
 /// binary's list, unit tests (`… (in `src/`)`) as a function of that name in
-/// that module's file.
+/// that module's file (`module.rs` or `module/mod.rs`).
 #[test]
 fn every_test_the_guarantees_name_exists() {
     let doc = std::fs::read_to_string(repo_path("docs/guarantees.md")).unwrap();
@@ -141,8 +141,12 @@ fn every_test_the_guarantees_name_exists() {
             checked += 1;
             if shown_by.contains("(in `src/`)") && name.contains("::tests::") {
                 let (module, function) = name.split_once("::tests::").unwrap();
-                let file = repo_path(&format!("src/{}.rs", module.replace("::", "/")));
-                let source = std::fs::read_to_string(&file).unwrap_or_default();
+                let path = module.replace("::", "/");
+                let (file, module_file) =
+                    (repo_path(&format!("src/{path}.rs")), repo_path(&format!("src/{path}/mod.rs")));
+                let source = std::fs::read_to_string(&file)
+                    .or_else(|_| std::fs::read_to_string(&module_file))
+                    .unwrap_or_default();
                 assert!(
                     source.contains(&format!("fn {function}(")),
                     "{name}: no such test in {}",

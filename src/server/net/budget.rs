@@ -261,9 +261,6 @@ impl Drop for OpenCall {
     }
 }
 
-/// The order service's paths: the calls that need credentials.
-const ORDER_SERVICE_PATH: &str = "/orders.v1.OrderService/";
-
 impl<S, R> tower::Service<http::Request<Body>> for Calls<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<R>>,
@@ -280,7 +277,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        let order_call = request.uri().path().starts_with(ORDER_SERVICE_PATH);
+        let order_call = request.uri().path().starts_with(crate::api::ORDER_SERVICE_PATH);
         let open = request.extensions().get::<ConnInfo>().cloned().map(|info| {
             info.activity.call_started(order_call);
             request.extensions_mut().insert(info.peer);

@@ -679,7 +679,7 @@ impl TryFrom<OrderRow> for Order {
 }
 
 #[cfg(test)]
-mod error_classes {
+mod tests {
     use super::{retryable_code, rolled_back_unfinished};
 
     /// Every class of SQLSTATE the service can meet, and what it answers:
