@@ -287,28 +287,32 @@ where
         Box::pin(async move {
             let response = response.await?;
             Ok(match open {
-                Some(open) => response.map(|body| Body::new(Counted { body: Body::new(body), _open: open })),
+                Some(open) => response.map(|body| Body::new(Counted { body, _open: open })),
                 None => response.map(Body::new),
             })
         })
     }
 }
 
-/// An answer's body, holding its call open until it ends.
-struct Counted {
-    body: Body,
-    _open: OpenCall,
+pin_project_lite::pin_project! {
+    /// An answer's body, holding its call open until it ends (boxed once,
+    /// into tonic's body, with the body it wraps).
+    struct Counted<B> {
+        #[pin]
+        body: B,
+        _open: OpenCall,
+    }
 }
 
-impl http_body::Body for Counted {
-    type Data = <Body as http_body::Body>::Data;
-    type Error = <Body as http_body::Body>::Error;
+impl<B: http_body::Body> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        self.project().body.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
