@@ -68,7 +68,9 @@ const CONNECTION_WINDOW: u32 = 256 * 1024;
 /// 20 by default). Callers sharing one connection reset a stream whenever a
 /// deadline passes or a call is cancelled, so a few impatient callers on a
 /// busy server reached 20 and the GOAWAY killed their patient neighbours'
-/// calls. Still a bound, so a flood of resets cannot queue without end.
+/// calls. Still a bound, so a flood of resets cannot queue without end;
+/// the rate of resets a connection may send is bounded by its listener's
+/// budget (see `net::budget`).
 const MAX_PENDING_ACCEPT_RESETS: usize = 1024;
 /// TCP keepalive on accepted connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -277,7 +279,7 @@ impl Application {
         tracing::info!(max_connections, "connections are capped");
         // Each listener has a budget of its own (see net::budget): a flood
         // of one port takes nothing the others need.
-        let grpc_budget = net::Budget::new(max_connections);
+        let grpc_budget = net::Budget::with_streams(max_connections, config.max_concurrent_streams);
         let admission =
             net::Admission::new(config.handshake_timeout, net::Protocol::Http2, grpc_budget.clone());
         let api = OrderServiceServer::new(OrderApi::new(store.clone(), auth.clone(), settings))
@@ -329,7 +331,10 @@ impl Application {
         }
         if let Some(listener) = health_listener {
             let health_addr = listener.local_addr()?;
-            let budget = net::Budget::new(config.health_max_connections as usize);
+            let budget = net::Budget::with_streams(
+                config.health_max_connections as usize,
+                config.max_concurrent_streams,
+            );
             tokio::spawn(net::budget::close_idle(
                 budget.clone(),
                 config.max_connection_idle,

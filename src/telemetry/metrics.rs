@@ -62,7 +62,8 @@ pub const CONNECTIONS_REFUSED: &str = "orders_connections_refused_total";
 /// Connections a listener's budget told to close (GOAWAY), by `reason`:
 /// `budget` (the one idle longest, when a newcomer needed its place), `idle`
 /// (`--max-connection-idle`), `client_ca` (its certificate no longer
-/// trusted after a reload).
+/// trusted after a reload), `resets` (more stream resets than its
+/// allowance and its listener's cover).
 pub const CONNECTIONS_EVICTED: &str = "orders_connections_evicted_total";
 /// Health Watch streams refused over their listener's or connection's budget.
 pub const WATCHES_REFUSED: &str = "orders_health_watches_refused_total";

@@ -444,3 +444,88 @@ async fn refused_calls_never_choose_their_sampling() {
     drop(server);
     collector.stop().await;
 }
+
+/// "Rapid reset": streams opened and reset at once (HEADERS, then
+/// RST_STREAM), as fast as a few connections take them, each connection
+/// opened again whenever the server closes it. The probes and the
+/// authenticated caller are still served.
+// Two threads: the flood must not starve the test's own caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_resets_are_bounded_on_both_ports() {
+    let target = Target::start(&[]).await;
+    for (name, on_health) in [("rapid reset, gRPC port", false), ("rapid reset, health port", true)] {
+        let reset = Arc::new(AtomicU32::new(0));
+        let counter = reset.clone();
+        let seen = target
+            .under(name, move |grpc, health, stop, established| async move {
+                let addr = if on_health { health } else { grpc };
+                established.notify_one();
+                let mut tasks = JoinSet::new();
+                for _ in 0..4 {
+                    let (stop, counter) = (stop.clone(), counter.clone());
+                    tasks.spawn(async move {
+                        while !stop.load(Ordering::SeqCst) {
+                            let Ok(tcp) = TcpStream::connect(addr).await else { continue };
+                            let (mut read, mut write) = tcp.into_split();
+                            // Whatever the server sends is read and dropped.
+                            let drain = tokio::spawn(async move {
+                                let _ = tokio::io::copy(&mut read, &mut tokio::io::sink()).await;
+                            });
+                            let mut stream_id = 1;
+                            let mut opening = PREFACE.to_vec();
+                            opening.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+                            let mut sent = write.write_all(&opening).await.is_ok();
+                            while sent && !stop.load(Ordering::SeqCst) {
+                                let mut frames = Vec::new();
+                                for _ in 0..64 {
+                                    reset_stream(&mut frames, stream_id);
+                                    stream_id += 2;
+                                }
+                                sent = write.write_all(&frames).await.is_ok();
+                                counter.fetch_add(64, Ordering::SeqCst);
+                            }
+                            drain.abort();
+                        }
+                    });
+                }
+                tasks.join_all().await;
+            })
+            .await;
+        println!("{name}: {} streams reset", reset.load(Ordering::SeqCst));
+        assert_unharmed(name, &seen);
+    }
+    let evicted = target.server.metric("orders_connections_evicted_total{reason=\"resets\"}").await;
+    println!("rapid reset: {evicted} connections closed for their resets");
+    assert!(evicted > 0.0, "connections resetting without end are closed");
+}
+
+/// What an HTTP/2 client sends first.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A HEADERS frame opening a health Check on `stream_id`, then its
+/// RST_STREAM (CANCEL), as raw HTTP/2 frames.
+fn reset_stream(frames: &mut Vec<u8>, stream_id: u32) {
+    // HPACK: :method POST, :scheme http, then literals without indexing.
+    let mut block = vec![0x83, 0x86];
+    for (name_index, value) in [(&[0x04][..], "/grpc.health.v1.Health/Check"), (&[0x01], "localhost")] {
+        block.extend_from_slice(name_index);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    block.extend_from_slice(&[0x0f, 0x10, 16]);
+    block.extend_from_slice(b"application/grpc");
+    block.extend_from_slice(&[0x00, 2]);
+    block.extend_from_slice(b"te");
+    block.push(8);
+    block.extend_from_slice(b"trailers");
+    let id = stream_id.to_be_bytes();
+    let length = (block.len() as u32).to_be_bytes();
+    // HEADERS, END_HEADERS.
+    frames.extend_from_slice(&[length[1], length[2], length[3], 0x1, 0x4]);
+    frames.extend_from_slice(&id);
+    frames.extend_from_slice(&block);
+    // RST_STREAM, CANCEL (0x8).
+    frames.extend_from_slice(&[0, 0, 4, 0x3, 0]);
+    frames.extend_from_slice(&id);
+    frames.extend_from_slice(&8u32.to_be_bytes());
+}

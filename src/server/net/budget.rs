@@ -15,6 +15,19 @@
 //! `max_connection_idle`). Both are counted in
 //! `orders_connections_evicted_total{reason}`.
 //!
+//! A client may also reset streams (RST_STREAM) only at a bounded rate,
+//! the "rapid reset" defence: a stream opened and reset at once costs the
+//! server a spawned call, and h2's own bound (`max_pending_accept_reset_streams`)
+//! counts only resets the server has not yet picked up, which a fast server
+//! never reaches. Each connection may reset twice `--max-concurrent-streams`
+//! streams at once (a client cancelling every call it has open, twice) and
+//! [`CONNECTION_RESETS_PER_SECOND`] after that; beyond its own allowance it
+//! draws on its listener's [`LISTENER_RESETS_PER_SECOND`], shared by all its
+//! connections. A connection that finds both spent is told to go away and
+//! closed (`reason="resets"`): a flood of resets costs its sender a new
+//! connection every few hundred streams, and many connections together
+//! reset no more than their listener allows plus a few a second each.
+//!
 //! hyper and tonic bound connections only as a whole (no per-connection idle
 //! timer, no eviction), and tower's limits count requests, not connections:
 //! hence this registry. Calls are counted by [`CallsLayer`], which also
@@ -23,6 +36,7 @@
 use std::{
     collections::HashMap,
     future::Future,
+    num::NonZeroU32,
     pin::Pin,
     sync::{
         Arc, Mutex, OnceLock,
@@ -37,6 +51,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::{body::Body, codegen::http};
 
 use crate::api::PeerInfo;
+
+/// Streams one connection may reset a second once its burst is spent.
+pub const CONNECTION_RESETS_PER_SECOND: u32 = 10;
+/// Streams a listener's connections together may reset a second beyond
+/// their own allowances (and at once, as a burst).
+pub const LISTENER_RESETS_PER_SECOND: u32 = 1_000;
+/// `--max-concurrent-streams`' default, for budgets built without it.
+const DEFAULT_STREAMS: u32 = 128;
+
+type Limiter = governor::DefaultDirectRateLimiter;
 
 /// A client certificate chain.
 pub type Certs = Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>;
@@ -61,15 +85,18 @@ pub struct Activity {
     /// The client certificate chain of its TLS handshake, if any: checked
     /// again when the client CA is reloaded.
     pub certs: OnceLock<Certs>,
+    /// Its own allowance of stream resets.
+    resets: Limiter,
     /// Cancelled when the connection must close (evicted, idle too long,
-    /// or its client certificate no longer trusted).
+    /// too many resets, or its client certificate no longer trusted).
     close: CancellationToken,
     told: AtomicBool,
 }
 
 impl Activity {
-    fn new(id: u64) -> Self {
+    fn new(id: u64, resets: governor::Quota) -> Self {
         Self {
+            resets: Limiter::direct(resets),
             id,
             accepted: Instant::now(),
             open_calls: AtomicUsize::new(0),
@@ -137,6 +164,10 @@ impl Activity {
 #[derive(Debug)]
 pub struct Budget {
     most: usize,
+    /// Each connection's allowance of stream resets.
+    connection_resets: governor::Quota,
+    /// What its connections may reset beyond their own allowances.
+    resets: Limiter,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Activity>>>,
 }
@@ -155,10 +186,43 @@ impl Drop for Slot {
     }
 }
 
+impl Slot {
+    /// The client reset `streams` more: whether its own allowance, or else
+    /// its listener's, still covers each. When neither does, the connection
+    /// is told to close (counted as `reason="resets"`).
+    pub fn streams_reset(&self, streams: u64) -> bool {
+        let covered =
+            (0..streams).all(|_| self.activity.resets.check().is_ok() || self.budget.resets.check().is_ok());
+        if !covered {
+            self.activity.evict("resets");
+        }
+        covered
+    }
+}
+
 impl Budget {
-    /// A budget of `most` connections (at least one).
+    /// A budget of `most` connections (at least one), each with up to
+    /// 128 concurrent streams.
     pub fn new(most: usize) -> Arc<Self> {
-        Arc::new(Self { most: most.max(1), next_id: AtomicU64::new(0), live: Mutex::default() })
+        Self::with_streams(most, DEFAULT_STREAMS)
+    }
+
+    /// A budget of `most` connections (at least one), each with up to
+    /// `max_concurrent_streams` concurrent streams: the burst of resets
+    /// each may send.
+    pub fn with_streams(most: usize, max_concurrent_streams: u32) -> Arc<Self> {
+        let per_second = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        let burst = per_second(max_concurrent_streams.saturating_mul(2));
+        let connection_resets =
+            governor::Quota::per_second(per_second(CONNECTION_RESETS_PER_SECOND)).allow_burst(burst);
+        let resets = Limiter::direct(governor::Quota::per_second(per_second(LISTENER_RESETS_PER_SECOND)));
+        Arc::new(Self {
+            most: most.max(1),
+            connection_resets,
+            resets,
+            next_id: AtomicU64::new(0),
+            live: Mutex::default(),
+        })
     }
 
     /// A place for a new connection. When all are taken, the connection
@@ -188,7 +252,7 @@ impl Budget {
             live.remove(&oldest.id);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let activity = Arc::new(Activity::new(id));
+        let activity = Arc::new(Activity::new(id, self.connection_resets));
         live.insert(id, activity.clone());
         Some(Slot { budget: self.clone(), activity })
     }
@@ -327,6 +391,20 @@ impl<B: http_body::Body> http_body::Body for Counted<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_resetting_past_both_allowances_is_closed_and_only_it() {
+        let budget = Budget::with_streams(4, 2);
+        let (flood, quiet) = (budget.admit().unwrap(), budget.admit().unwrap());
+        // Its own burst (twice its 2 streams), then the listener's 1,000
+        // (and the little either earns back while this runs).
+        let covered = (0..3_000).take_while(|_| flood.streams_reset(1)).count() as u32;
+        assert!((4 + LISTENER_RESETS_PER_SECOND..3_000).contains(&covered), "{covered} resets covered");
+        assert!(flood.activity.close.is_cancelled(), "told to close");
+        // Another connection still has its own allowance.
+        assert!(quiet.streams_reset(4));
+        assert!(!quiet.activity.close.is_cancelled());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_longest_idle_connection_gives_way_and_a_busy_one_never_does() {

@@ -274,8 +274,10 @@ pub struct DeadlineStream<S> {
     stall: Pin<Box<Sleep>>,
     stalled: bool,
     peer: Option<SocketAddr>,
+    /// Streams the client had reset as of the last read.
+    resets: u64,
     /// Its place in its listener's budget, given back when it closes.
-    _slot: budget::Slot,
+    slot: budget::Slot,
 }
 
 impl<S> DeadlineStream<S> {
@@ -292,7 +294,8 @@ impl<S> DeadlineStream<S> {
             stall: Box::pin(tokio::time::sleep_until(ticket.deadline)),
             stalled: false,
             peer: ticket.peer,
-            _slot: ticket.slot,
+            resets: 0,
+            slot: ticket.slot,
         }
     }
 
@@ -392,6 +395,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeadlineStream<S> {
                         )));
                     }
                     this.apply(due);
+                    let resets = this.progress.resets();
+                    if resets > this.resets {
+                        if !this.slot.streams_reset(resets - this.resets) {
+                            tracing::debug!(peer = ?this.peer, "closing a connection that reset too many streams");
+                        }
+                        this.resets = resets;
+                    }
                 }
                 Poll::Ready(Ok(()))
             }

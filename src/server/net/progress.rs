@@ -26,6 +26,7 @@ pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// HTTP/2 frame types and flags this reads.
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
+const RST_STREAM: u8 = 0x3;
 const END_HEADERS: u8 = 0x4;
 
 /// Which protocol a listener speaks, as far as telling where headers end.
@@ -53,6 +54,8 @@ pub(crate) struct Frames {
     awaiting_end_headers: bool,
     /// Header blocks completed.
     pub blocks: u64,
+    /// RST_STREAM frames begun (streams the client reset).
+    pub resets: u64,
 }
 
 impl Frames {
@@ -93,6 +96,9 @@ impl Frames {
                     self.in_header_frame = kind == HEADERS || kind == CONTINUATION;
                     if kind == HEADERS {
                         self.awaiting_end_headers = true;
+                    }
+                    if kind == RST_STREAM {
+                        self.resets += 1;
                     }
                     if self.payload_left == 0 {
                         self.frame_done();
@@ -237,6 +243,14 @@ impl Progress {
         }
     }
 
+    /// How many streams the client has reset (HTTP/2 only).
+    pub fn resets(&self) -> u64 {
+        match self {
+            Self::Http2(frames) => frames.resets,
+            Self::Http1(_) => 0,
+        }
+    }
+
     /// Whether no request's headers have been completed yet.
     pub fn before_first_request(&self) -> bool {
         match self {
@@ -301,6 +315,25 @@ mod tests {
         assert_eq!(progress.read(&frame(3, HEADERS, 0)[4..]), Due::Start);
         assert_eq!(progress.read(&[0x82, 0x86, 0x84]), Due::Start);
         assert_eq!(progress.read(&frame(0, CONTINUATION, END_HEADERS)), Due::Stop);
+    }
+
+    #[test]
+    fn stream_resets_are_counted_however_the_bytes_are_split() {
+        let mut progress = Progress::new(Protocol::Http2);
+        progress.read(&request());
+        let mut resets = Vec::new();
+        for _ in 0..3 {
+            resets.extend(frame(4, RST_STREAM, 0));
+            resets.extend(8u32.to_be_bytes());
+        }
+        // A DATA frame whose payload looks like a frame header is skipped.
+        let mut data = frame(9, 0x0, 0);
+        data.extend(frame(4, RST_STREAM, 0));
+        resets.extend(data);
+        for byte in &resets {
+            progress.read(std::slice::from_ref(byte));
+        }
+        assert_eq!(progress.resets(), 3);
     }
 
     #[test]
