@@ -31,7 +31,9 @@
  *                         in the pool's share for such waits, else KeyInUse
  *                         at once (PgStore::key_waiters)
  *   one_statement_path    PgStore::place_one without a transaction
- *                         (place::place_new_or_live)
+ *                         (place::place_new_or_live; with group commit off
+ *                         its first attempt only tries the key's lock:
+ *                         try_insert_key_and_order, see `alone`)
  *   transaction_path      PgStore::place_one's transaction (place::place,
  *                         ROUNDS rounds, then KeyInUse)
  *   purge                 Statements::delete_expired_keys for PgStore
@@ -357,12 +359,17 @@ proctype Caller(byte me; byte fp) {
         fi
      :: true -> skip
      fi;
-alone:
-        /* a key the batch left out waits for the call holding it only with
-           a place in the pool's share for such waits (PgStore::key_waiters);
-           without one: KeyInUse at once, nothing written */
-        if :: true -> skip :: true -> reply = NOT_WRITTEN; goto answered fi;
 #endif
+alone:
+     /* a key held by another call in flight is waited for only with a place
+        in the pool's share for such waits (PgStore::key_waiters); without
+        one: KeyInUse at once, nothing written. The batch tells a key held
+        elsewhere by trying its lock; with group commit off the ordinary
+        path's first statement only tries it (try_insert_key_and_order, or
+        try_key_lock in the transaction), which writes nothing when the lock
+        is held. Either way nothing is written before the refusal: modelled
+        as a refusal that may come on any attempt. */
+     if :: true -> skip :: true -> reply = NOT_WRITTEN; goto answered fi;
      if
      :: true ->
         /* one_statement_path: the insert commits on its own */

@@ -14,7 +14,10 @@
 //! its statement. A key whose lock is held is in flight in another call
 //! (on any replica, or in an earlier batch of this one): the batch leaves it
 //! out and sends its caller down the ordinary path, which waits for that
-//! call and then replays, refuses or places as usual. So the batch's
+//! call and then replays, refuses or places as usual (with group commit
+//! off, the ordinary path's first statement only tries the lock too, so
+//! that waiting for a held key is bounded the same way: `PgStore::place_one`).
+//! So the batch's
 //! `insert … on conflict do nothing` meets no uncommitted key row of
 //! another writer, and waits for none; one duplicate in flight never stalls
 //! or fails its batch-mates. (It can still wait for a purge deleting that

@@ -144,54 +144,81 @@ impl PgStore {
     /// one, a transaction for an expired one.
     async fn place_one(&self, job: Job) -> Result<(Order, Placement), Error> {
         let Job { account, new, ttl, lock_wait, lock_deadline, attempt, held_elsewhere, .. } = job;
-        // A key held by another call in flight: waiting for it takes a
-        // pooled connection for up to the lock wait, so only a bounded
-        // number may; the others are told at once that the key is in use
-        // (nothing written; retry later), as a wait that ran out would be.
-        let _waiting = match held_elsewhere {
-            false => None,
-            true => match self.key_waiters.clone().try_acquire_owned() {
-                Ok(place) => Some(place),
-                Err(_) => {
-                    crate::telemetry::metrics::record_key_wait_refused();
-                    return Err(Error::KeyInUse);
-                }
-            },
-        };
         let (account, attempt) = (&account, &*attempt);
-        // A job its batch sent back has waited already: it waits what is
-        // left of its lock wait.
-        let left = lock_deadline.saturating_duration_since(tokio::time::Instant::now());
-        let lock_wait = if left + Duration::from_millis(1) < lock_wait { left } else { lock_wait };
         let key = new.client_request_id;
-        let mut conn = self.pool.acquire().await.map_err(db("acquiring a database connection"))?;
-        // A connection whose server stopped answering must not hold this
-        // call, and the pooled connection, for ever (as for a batch): past
-        // the bound the connection is closed, never reused. A write already
-        // sent may still commit (outcome unknown); one not sent never will
-        // (the server rolls back the transaction of a closed connection).
-        let bound = self.lock_timeout + group_commit::STATEMENT_SLACK;
-        let placing = Self::place_on(&mut conn, self.lock_timeout, account, new, ttl, lock_wait, attempt);
-        match tokio::time::timeout(bound, placing).await {
-            Ok(placed) => placed,
-            Err(_) => {
-                conn.close_on_drop();
-                let source =
-                    format!("the database did not answer within {}", humantime::format_duration(bound));
-                if attempt.abandon() {
-                    return Err(Error::Unavailable { context: "placing an order", source: source.into() });
+        // With group commit off no batch has tried the key's lock: the
+        // first attempt only tries it, and finding it held (nothing
+        // written) waits as a job its batch left out would.
+        let mut held_elsewhere = held_elsewhere;
+        let mut try_first = self.queues.is_none() && !held_elsewhere;
+        loop {
+            // A key held by another call in flight: waiting for it takes a
+            // pooled connection for up to the lock wait, so only a bounded
+            // number may; the others are told at once that the key is in use
+            // (nothing written; retry later), as a wait that ran out would be.
+            let _waiting = match held_elsewhere {
+                false => None,
+                true => match self.key_waiters.clone().try_acquire_owned() {
+                    Ok(place) => Some(place),
+                    Err(_) => {
+                        crate::telemetry::metrics::record_key_wait_refused();
+                        return Err(Error::KeyInUse);
+                    }
+                },
+            };
+            // A job its batch sent back has waited already: it waits what is
+            // left of its lock wait.
+            let left = lock_deadline.saturating_duration_since(tokio::time::Instant::now());
+            let lock_wait = if left + Duration::from_millis(1) < lock_wait { left } else { lock_wait };
+            let mut conn = self.pool.acquire().await.map_err(db("acquiring a database connection"))?;
+            // A connection whose server stopped answering must not hold this
+            // call, and the pooled connection, for ever (as for a batch): past
+            // the bound the connection is closed, never reused. A write already
+            // sent may still commit (outcome unknown); one not sent never will
+            // (the server rolls back the transaction of a closed connection).
+            let bound = self.lock_timeout + group_commit::STATEMENT_SLACK;
+            let placing = Self::place_on(
+                &mut conn,
+                self.lock_timeout,
+                account,
+                new.clone(),
+                ttl,
+                lock_wait,
+                attempt,
+                try_first,
+            );
+            match tokio::time::timeout(bound, placing).await {
+                Ok(Ok(Some(placed))) => return Ok(placed),
+                Ok(Ok(None)) => {
+                    // Held elsewhere, nothing written: not sent after all.
+                    attempt.unsend();
+                    (held_elsewhere, try_first) = (true, false);
                 }
-                Err(Error::OutcomeUnknown {
-                    client_request_id: key,
-                    deadline: false,
-                    context: "placing an order",
-                    source: source.into(),
-                })
+                Ok(Err(error)) => return Err(error),
+                Err(_) => {
+                    conn.close_on_drop();
+                    let source =
+                        format!("the database did not answer within {}", humantime::format_duration(bound));
+                    if attempt.abandon() {
+                        return Err(Error::Unavailable {
+                            context: "placing an order",
+                            source: source.into(),
+                        });
+                    }
+                    return Err(Error::OutcomeUnknown {
+                        client_request_id: key,
+                        deadline: false,
+                        context: "placing an order",
+                        source: source.into(),
+                    });
+                }
             }
         }
     }
 
-    /// [`place_one`](Self::place_one) on `conn`.
+    /// [`place_one`](Self::place_one) on `conn`; `None` when `try_first`
+    /// found the key's advisory lock held by another call (nothing written).
+    #[allow(clippy::too_many_arguments)]
     async fn place_on(
         conn: &mut sqlx::PgConnection,
         lock_timeout: Duration,
@@ -200,7 +227,8 @@ impl PgStore {
         ttl: Duration,
         lock_wait: Duration,
         attempt: &Attempt,
-    ) -> Result<(Order, Placement), Error> {
+        try_first: bool,
+    ) -> Result<Option<(Order, Placement)>, Error> {
         let key = new.client_request_id;
         // Connections start with the configured lock timeout; only a caller
         // deadline shorter than it needs a transaction to shorten it in.
@@ -214,11 +242,23 @@ impl PgStore {
             if !attempt.send() {
                 return Err(Error::DeadlineExceeded);
             }
-            let placed = place::place_new_or_live(&mut *conn, account, &new, ttl)
-                .await
-                .map_err(|e| unknown_unless_answered(e, key))?;
+            let placed = if try_first {
+                let (record, order) = KeyRecord::new(account, &new, ttl);
+                match try_insert_key_and_order(conn, &record, &order)
+                    .await
+                    .map_err(|e| unknown_unless_answered(e, key))?
+                {
+                    None => return Ok(None),
+                    Some(Some(at)) => Some((place::stamped(order, at), Placement::Created)),
+                    Some(None) => place::replay(conn.read_key(account, key, ttl).await?, &new)?,
+                }
+            } else {
+                place::place_new_or_live(&mut *conn, account, &new, ttl)
+                    .await
+                    .map_err(|e| unknown_unless_answered(e, key))?
+            };
             if let Some(placed) = placed {
-                return Ok(placed);
+                return Ok(Some(placed));
             }
         }
         let mut tx =
@@ -229,6 +269,12 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db("bounding the lock wait"))?;
+            // As above: the first attempt only tries the key's lock (taken,
+            // it is held to the transaction's end; the statements below
+            // take it again at once).
+            if try_first && !try_key_lock(&mut tx, account, key).await? {
+                return Ok(None);
+            }
         }
         // Until COMMIT is sent, any failure (or the caller giving up, which
         // drops the transaction) rolls everything back: nothing written.
@@ -237,7 +283,7 @@ impl PgStore {
             return Err(Error::DeadlineExceeded);
         }
         tx.commit().await.map_err(|e| unknown_unless_answered(db("committing the order")(e), key))?;
-        Ok(placed)
+        Ok(Some(placed))
     }
 
     /// Ready means orders can be placed: the server answers, and would take
@@ -388,6 +434,81 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// The statement of a new key (see `PlaceTx::insert_key_and_order`), whose
+/// `lock` CTE selects `$lock` (a row when the key's advisory lock is taken),
+/// with the order's insert between `$insert` and `$tail`: the one text for
+/// the statement that waits for the lock and the one that only tries it.
+macro_rules! new_key_statement {
+    ($lock:expr, $insert:literal, $tail:literal) => {
+        concat!(
+            "with lock as (select ",
+            $lock,
+            r"),
+              now as (select clock_timestamp() as at from lock),
+              key as (
+                  insert into idempotency_keys
+                      (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
+                  select $1, $2, $3, $4, now.at, now.at + $5::bigint * interval '1 microsecond' from now
+                  where coalesce((
+                      select create_time from orders
+                      where account_id = $1 and client_request_id = $2
+                      order by create_time desc limit 1
+                  ) <= now.at - $5::bigint * interval '1 microsecond', true)
+                  on conflict (account_id, client_request_id) do nothing
+                  returning create_time) ",
+            $insert,
+            r"(order_id, account_id, client_request_id, symbol, side, order_type,
+                  quantity, limit_price, time_in_force, status, create_time, update_time)
+              select $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, key.create_time, key.create_time
+              from key",
+            $tail
+        )
+    };
+}
+
+/// As `PlaceTx::insert_key_and_order`, but only *trying* the key's
+/// advisory lock: `None` when another call in flight holds it (nothing
+/// written, and nothing waited for), else whether the key and the order
+/// were inserted. With group commit off, the ordinary path tries first, so
+/// that waiting for a key held elsewhere takes a place in
+/// [`PgStore::key_waiters`] as a job its batch left out does.
+async fn try_insert_key_and_order(
+    conn: &mut sqlx::PgConnection,
+    key: &KeyRecord<'_>,
+    order: &Order,
+) -> Result<Option<Option<Timestamp>>, Error> {
+    let query = sqlx::query_as(new_key_statement!(
+        concat!("1 where pg_try_advisory_xact_lock(", group_commit::key_lock!("$1", "$2"), ")"),
+        ", placed as (insert into orders ",
+        " returning create_time) select exists (select from lock), (select create_time from placed)"
+    ))
+    .bind(key.account_id.as_str())
+    .bind(key.client_request_id.uuid())
+    .bind(&key.fingerprint.0[..])
+    .bind(key.order_id.uuid())
+    .bind(micros(key.ttl));
+    let (took, created): (bool, Option<DateTime<Utc>>) = bind_order!(query, order)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_key("inserting the idempotency key and the order"))?;
+    Ok(took.then(|| created.map(from_datetime)))
+}
+
+/// Tries the key's advisory lock in a transaction: whether it was taken
+/// (then held to the transaction's end) or another call holds it.
+async fn try_key_lock(
+    tx: &mut sqlx::PgConnection,
+    account: &AccountId,
+    key: ClientRequestId,
+) -> Result<bool, Error> {
+    sqlx::query_scalar(concat!("select pg_try_advisory_xact_lock(", group_commit::key_lock!("$1", "$2"), ")"))
+        .bind(account.as_str())
+        .bind(key.uuid())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("trying the key's lock"))
+}
+
 /// Every time here is the database server's clock (`clock_timestamp()`, read
 /// once per statement), so replicas with skewed clocks agree.
 impl PlaceTx for sqlx::PgConnection {
@@ -404,27 +525,10 @@ impl PlaceTx for sqlx::PgConnection {
         key: &KeyRecord<'_>,
         order: &Order,
     ) -> Result<Option<Timestamp>, Error> {
-        let query = sqlx::query_scalar(concat!(
-            "with lock as (select pg_advisory_xact_lock(",
-            group_commit::key_lock!("$1", "$2"),
-            r")),
-              now as (select clock_timestamp() as at from lock),
-              key as (
-                  insert into idempotency_keys
-                      (account_id, client_request_id, fingerprint, order_id, create_time, expire_time)
-                  select $1, $2, $3, $4, now.at, now.at + $5::bigint * interval '1 microsecond' from now
-                  where coalesce((
-                      select create_time from orders
-                      where account_id = $1 and client_request_id = $2
-                      order by create_time desc limit 1
-                  ) <= now.at - $5::bigint * interval '1 microsecond', true)
-                  on conflict (account_id, client_request_id) do nothing
-                  returning create_time)
-              insert into orders (order_id, account_id, client_request_id, symbol, side, order_type,
-                  quantity, limit_price, time_in_force, status, create_time, update_time)
-              select $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, key.create_time, key.create_time
-              from key
-              returning create_time"
+        let query = sqlx::query_scalar(new_key_statement!(
+            concat!("pg_advisory_xact_lock(", group_commit::key_lock!("$1", "$2"), ")"),
+            "insert into orders ",
+            " returning create_time"
         ))
         .bind(key.account_id.as_str())
         .bind(key.client_request_id.uuid())
