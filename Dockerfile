@@ -15,8 +15,11 @@
 # registry you build from.
 
 FROM rust:1.95-slim-bookworm AS build
+# make: the server's allocator (jemalloc) is built from C source.
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs rustfmt.toml ./
+COPY .cargo .cargo
 COPY proto proto
 COPY migrations migrations
 COPY src src

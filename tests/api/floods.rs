@@ -30,11 +30,12 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 /// The memory ceiling under every flood.
 const RSS_CEILING_KB: u64 = 256 * 1024;
-/// How far above its start memory may stay once a flood has ended: glibc's
-/// allocator keeps some of what it freed (about 30 MiB after the 12,800
-/// Watch streams of `watch_floods_are_bounded_on_both_ports`); a flood that
-/// leaked would keep growing past it.
-const RSS_KEPT_KB: u64 = 48 * 1024;
+/// How far above its start memory may stay once a flood has ended (within
+/// 10 s): jemalloc gives back what was freed after a second unused, but
+/// keeps some (about 7 MiB after the 12,800 Watch streams of
+/// `watch_floods_are_bounded_on_both_ports`, where glibc kept 31 MiB); a
+/// flood that leaked would keep growing past it.
+const RSS_KEPT_KB: u64 = 16 * 1024;
 /// How long each flood is held.
 const HELD: Duration = Duration::from_secs(4);
 
