@@ -207,7 +207,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
 
     /// Most connections the gRPC listener holds at once. When all are
-    /// taken, the connection idle the longest (no call open) gives way, else
+    /// taken, an idle one (no call open) gives way, of the address holding
+    /// the most connections the oldest, else
     /// the one busy longest with health or reflection calls only (counted in
     /// orders_connections_evicted_total); when every one has an order call
     /// open, the newcomer is closed as soon as it is accepted (counted in

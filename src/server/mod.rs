@@ -127,6 +127,23 @@ fn http2_server(config: &Config) -> Server {
         .max_connection_age(config.max_connection_age)
 }
 
+/// Serves the metrics endpoint on `listener` until `stop` resolves. Each
+/// scrape counts as a call open on its connection until its answer is
+/// written, so the listener's budget evicts idle and half-sent connections
+/// before a scrape under way.
+fn serve_metrics(
+    listener: net::GuardedListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let app =
+        metrics::router()?.layer(net::CallsLayer).into_make_service_with_connect_info::<net::ConnInfo>();
+    Ok(tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            tracing::error!(%error, "the metrics endpoint failed");
+        }
+    }))
+}
+
 impl Application {
     /// Connects, migrates and binds, reading time from the system clock.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
@@ -326,7 +343,7 @@ impl Application {
                 net::Budget::new(METRICS_MAX_CONNECTIONS),
             );
             let listener = net::GuardedListener::new(listener, own);
-            side_servers.push(metrics::serve(listener, stopped(&servers_rx))?);
+            side_servers.push(serve_metrics(listener, stopped(&servers_rx))?);
             tracing::info!(addr = %metrics_addr, "metrics listening");
         }
         if let Some(listener) = health_listener {

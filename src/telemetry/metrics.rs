@@ -60,7 +60,7 @@ pub const SERVING: &str = "orders_health_serving";
 /// (`max_connections`).
 pub const CONNECTIONS_REFUSED: &str = "orders_connections_refused_total";
 /// Connections a listener's budget told to close (GOAWAY), by `reason`:
-/// `budget` (the one idle longest, when a newcomer needed its place), `idle`
+/// `budget` (an idle one, when a newcomer needed its place), `idle`
 /// (`--max-connection-idle`), `client_ca` (its certificate no longer
 /// trusted after a reload), `resets` (more stream resets than its
 /// allowance and its listener's cover).
@@ -252,17 +252,10 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics"))
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` resolves.
-pub fn serve<L>(
-    listener: L,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<tokio::task::JoinHandle<()>>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
+/// The metrics endpoint: `GET /metrics`.
+pub fn router() -> anyhow::Result<axum::Router> {
     let handle = handle()?;
-    let app = axum::Router::new().route(
+    Ok(axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let handle = handle.clone();
@@ -273,13 +266,7 @@ where
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),
-    );
-    let task = tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-            tracing::error!(%error, "the metrics endpoint failed");
-        }
-    });
-    Ok(task)
+    ))
 }
 
 /// Whether a call's W3C `traceparent` may make its server span the

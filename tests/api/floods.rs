@@ -195,7 +195,7 @@ fn grpc_request(
 
 /// Connections to one port, each making one whole health Check and then
 /// idling: the other port's probes, and this port's, are still answered
-/// (the longest idle give way to newcomers).
+/// (the oldest idle give way to newcomers).
 // Two threads: the flood must not starve the test's own caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_held_idle_after_a_call_starve_no_probe() {
@@ -375,7 +375,7 @@ async fn refused_calls_are_counted_always_and_logged_at_a_bounded_rate() {
 }
 
 /// Idle and trickling connections holding the metrics port: a scrape still
-/// succeeds (the connection idle longest gives way).
+/// succeeds (the oldest idle connection gives way).
 #[tokio::test]
 async fn metrics_are_scraped_while_idle_connections_hold_the_port() {
     let target = Target::start(&[]).await;
@@ -399,6 +399,75 @@ async fn metrics_are_scraped_while_idle_connections_hold_the_port() {
         assert!(scrape.is_ok(), "a scrape succeeds while 24 idle connections hold the port");
     }
     drop(held);
+}
+
+/// Connections to the metrics port from another address (127.0.0.2),
+/// opened as fast as they are closed, each sending a request it never reads
+/// the answer to, or one byte of one: a scrape is never the one that gives
+/// way (the address holding the most connections gives way first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_while_connections_churn() {
+    let target = Target::start(&[]).await;
+    let metrics_addr = target.server.metrics_addr.clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut churn = JoinSet::new();
+    for task in 0..4 {
+        let (addr, stop) = (metrics_addr.clone(), stop.clone());
+        churn.spawn(async move {
+            let (mut opened, mut _held) = (0u32, None);
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(mut stream) = connect_from([127, 0, 0, 2], &addr).await else { continue };
+                let request = if task % 2 == 0 {
+                    format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n")
+                } else {
+                    "G".to_owned()
+                };
+                let _ = stream.write_all(request.as_bytes()).await;
+                opened += 1;
+                // Held until the server closes it, or this task's next one
+                // is open: the port stays full of them.
+                _held = Some(stream);
+                tokio::task::yield_now().await;
+            }
+            opened
+        });
+    }
+    let (mut scrapes, mut failed) = (0, 0);
+    for _ in 0..10 {
+        scrapes += 1;
+        let answer = tokio::time::timeout(Duration::from_secs(2), try_scrape(&metrics_addr)).await;
+        if !matches!(answer, Ok(true)) {
+            failed += 1;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let opened: u32 = churn.join_all().await.into_iter().sum();
+    println!("metrics under churn: {failed} of {scrapes} scrapes failed beside {opened} connections opened");
+    assert!(opened > 100, "the churn took hold: {opened} connections");
+    assert_eq!(failed, 0, "every scrape succeeds while connections churn");
+}
+
+/// A TCP connection to `addr` from the loopback address `from`.
+async fn connect_from(from: [u8; 4], addr: &str) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((from, 0)))?;
+    socket.connect(addr.parse().map_err(std::io::Error::other)?).await
+}
+
+/// One scrape, its whole answer read: whether it was a 200 with a body.
+async fn try_scrape(addr: &str) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut stream) = TcpStream::connect(addr).await else { return false };
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut response = Vec::new();
+    if stream.read_to_end(&mut response).await.is_err() {
+        return false;
+    }
+    let response = String::from_utf8_lossy(&response);
+    response.starts_with("HTTP/1.1 200") && response.contains("\r\n\r\n# ")
 }
 
 /// Refused calls carrying a sampled `traceparent` are never sampled from it:

@@ -202,7 +202,7 @@ async fn healthy_within_a_second(
 }
 
 /// More idle connections than `--max-connections` allows (sized from a
-/// 128-descriptor limit): the ones idle longest give way to newcomers
+/// 128-descriptor limit): the oldest idle ones give way to newcomers
 /// (GOAWAY, closed, counted), health answers throughout on a connection already open and
 /// within a second on a new one once the flood stops, and the CPU stays low.
 #[tokio::test]

@@ -6,10 +6,11 @@
 //! admitted connection is registered here with its [`Activity`]: how many
 //! calls it has open, and since when it has had none.
 //!
-//! When a listener's budget is spent, the newcomer is not refused: the
-//! connection that has waited longest without a call open gives way (an
-//! idle connection, one still sending its first request's headers, or a
-//! half-sent call's), is told GOAWAY and closed; only when every connection
+//! When a listener's budget is spent, the newcomer is not refused: a
+//! connection without a call open gives way (an idle connection, one still
+//! sending its first request's headers, or a half-sent call's), of the
+//! address holding the most connections, the oldest of those; it is told
+//! GOAWAY and closed; only when every connection
 //! has a call open is the newcomer closed. A connection with no call open for
 //! `--max-connection-idle` is closed the same way (gRPC's
 //! `max_connection_idle`). Both are counted in
@@ -36,6 +37,7 @@
 use std::{
     collections::HashMap,
     future::Future,
+    net::IpAddr,
     num::NonZeroU32,
     pin::Pin,
     sync::{
@@ -69,6 +71,8 @@ pub type Certs = Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static
 #[derive(Debug)]
 pub struct Activity {
     id: u64,
+    /// The address it came from.
+    peer: Option<IpAddr>,
     /// When it was accepted.
     pub accepted: Instant,
     open_calls: AtomicUsize,
@@ -94,10 +98,11 @@ pub struct Activity {
 }
 
 impl Activity {
-    fn new(id: u64, resets: governor::Quota) -> Self {
+    fn new(id: u64, peer: Option<IpAddr>, resets: governor::Quota) -> Self {
         Self {
             resets: Limiter::direct(resets),
             id,
+            peer,
             accepted: Instant::now(),
             open_calls: AtomicUsize::new(0),
             open_order_calls: AtomicUsize::new(0),
@@ -225,34 +230,48 @@ impl Budget {
         })
     }
 
-    /// A place for a new connection. When all are taken, the connection
-    /// idle the longest gives way; when none is idle, the one busy longest
-    /// with calls to the open services only (a Watch, a call whose answer
-    /// its caller never lets through); when there is none of either, there
-    /// is no place (order calls are authenticated, and end within
-    /// `--request-timeout`). Oldest first: a flood of newcomers reaches a
-    /// probe's connection, milliseconds old, only after every older one.
-    pub fn admit(self: &Arc<Self>) -> Option<Slot> {
+    /// A place for a new connection from `peer`. When all are taken, one
+    /// gives way: a connection with no call open (idle, or still sending its
+    /// first request); else one busy with calls to the open services only
+    /// (a Watch, a call whose answer its caller never lets through); else
+    /// none, and there is no place (order calls are authenticated, and end
+    /// within `--request-timeout`). Within each kind, a connection of the
+    /// address holding the most connections (the newcomer counted) gives
+    /// way first, so one host's flood takes its own connections before
+    /// anyone else's; then the oldest: by when it was accepted, not by when
+    /// its last call ended, so connections that make a call now and then
+    /// cannot look fresher than a newcomer still sending its first request
+    /// (a probe's connection, milliseconds old, is reached only after every
+    /// older one).
+    pub fn admit(self: &Arc<Self>, peer: Option<IpAddr>) -> Option<Slot> {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         // Connections told to close still hold their descriptor for a moment,
         // but no longer their place.
         live.retain(|_, activity| !activity.close.is_cancelled());
         if live.len() >= self.most {
+            let mut held: HashMap<Option<IpAddr>, usize> = HashMap::from([(peer, 1)]);
+            for activity in live.values() {
+                *held.entry(activity.peer).or_default() += 1;
+            }
+            let most_held_first = |activity: &Arc<Activity>, since: Instant| {
+                (std::cmp::Reverse(held[&activity.peer]), since, activity.id)
+            };
             let idle = live
                 .values()
-                .filter_map(|activity| Some((activity.idle_since()?, activity)))
-                .min_by_key(|(since, _)| *since);
+                .filter(|activity| activity.idle_since().is_some())
+                .min_by_key(|activity| most_held_first(activity, activity.accepted));
             let busy = || {
                 live.values()
                     .filter_map(|activity| Some((activity.busy_without_order_calls_since()?, activity)))
-                    .min_by_key(|(since, _)| *since)
+                    .min_by_key(|(since, activity)| most_held_first(activity, *since))
+                    .map(|(_, activity)| activity)
             };
-            let oldest = idle.or_else(busy).map(|(_, activity)| activity.clone())?;
-            oldest.evict("budget");
-            live.remove(&oldest.id);
+            let gives_way = idle.or_else(busy)?.clone();
+            gives_way.evict("budget");
+            live.remove(&gives_way.id);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let activity = Arc::new(Activity::new(id, self.connection_resets));
+        let activity = Arc::new(Activity::new(id, peer, self.connection_resets));
         live.insert(id, activity.clone());
         Some(Slot { budget: self.clone(), activity })
     }
@@ -325,9 +344,9 @@ impl Drop for OpenCall {
     }
 }
 
-impl<S, R> tower::Service<http::Request<Body>> for Calls<S>
+impl<S, B, R> tower::Service<http::Request<B>> for Calls<S>
 where
-    S: tower::Service<http::Request<Body>, Response = http::Response<R>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
     R: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     R::Error: Into<tonic::codegen::StdError>,
@@ -340,9 +359,15 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let order_call = request.uri().path().starts_with(crate::api::ORDER_SERVICE_PATH);
-        let open = request.extensions().get::<ConnInfo>().cloned().map(|info| {
+        // tonic puts the connection's ConnInfo in the extensions, axum its
+        // ConnectInfo (the metrics endpoint).
+        let info = request.extensions().get::<ConnInfo>().cloned().or_else(|| {
+            let axum::extract::ConnectInfo(info) = request.extensions().get()?;
+            Some(ConnInfo::clone(info))
+        });
+        let open = info.map(|info| {
             info.activity.call_started(order_call);
             request.extensions_mut().insert(info.peer);
             OpenCall(info.activity, order_call)
@@ -395,7 +420,7 @@ mod tests {
     #[test]
     fn a_connection_resetting_past_both_allowances_is_closed_and_only_it() {
         let budget = Budget::with_streams(4, 2);
-        let (flood, quiet) = (budget.admit().unwrap(), budget.admit().unwrap());
+        let (flood, quiet) = (budget.admit(None).unwrap(), budget.admit(None).unwrap());
         // Its own burst (twice its 2 streams), then the listener's 1,000
         // (and the little either earns back while this runs).
         let covered = (0..3_000).take_while(|_| flood.streams_reset(1)).count() as u32;
@@ -409,47 +434,79 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_longest_idle_connection_gives_way_and_a_busy_one_never_does() {
         let budget = Budget::new(2);
-        let first = budget.admit().unwrap();
+        let first = budget.admit(None).unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
-        let second = budget.admit().unwrap();
-        // Full: the first (idle longest) gives way.
-        let third = budget.admit().unwrap();
+        let second = budget.admit(None).unwrap();
+        // Full: the first (the oldest idle) gives way.
+        let third = budget.admit(None).unwrap();
         assert!(first.activity.close.is_cancelled());
         assert!(!second.activity.close.is_cancelled());
         // Both left busy with order calls: no place for a newcomer.
         second.activity.call_started(true);
         third.activity.call_started(true);
-        assert!(budget.admit().is_none());
+        assert!(budget.admit(None).is_none());
         // A call ends: that connection is idle, and gives way.
         third.activity.call_ended(true);
-        assert!(budget.admit().is_some());
+        assert!(budget.admit(None).is_some());
         assert!(third.activity.close.is_cancelled());
         assert!(!second.activity.close.is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_address_holding_the_most_connections_gives_way_first() {
+        let (one, flood): (IpAddr, IpAddr) = ([127, 0, 0, 1].into(), [127, 0, 0, 2].into());
+        let budget = Budget::new(4);
+        let scraper = budget.admit(Some(one)).unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let flooded: Vec<Slot> = (0..3).map(|_| budget.admit(Some(flood)).unwrap()).collect();
+        // Newcomers from either address: the flood's oldest gives way, never
+        // the lone older connection of the other address.
+        let _more = budget.admit(Some(flood)).unwrap();
+        assert!(flooded[0].activity.close.is_cancelled());
+        let _other = budget.admit(Some(one)).unwrap();
+        assert!(flooded[1].activity.close.is_cancelled());
+        assert!(!scraper.activity.close.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_just_made_a_call_is_no_fresher_than_a_newcomer() {
+        let budget = Budget::new(2);
+        let old = budget.admit(None).unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let newcomer = budget.admit(None).unwrap();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        // The old connection makes a call, which ends after the newcomer
+        // came (still sending its first request): the old one gives way.
+        old.activity.call_started(false);
+        old.activity.call_ended(false);
+        let _next = budget.admit(None).unwrap();
+        assert!(old.activity.close.is_cancelled());
+        assert!(!newcomer.activity.close.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_connection_held_busy_by_open_service_calls_only_gives_way() {
         let budget = Budget::new(2);
-        let health = budget.admit().unwrap();
-        let orders = budget.admit().unwrap();
+        let health = budget.admit(None).unwrap();
+        let orders = budget.admit(None).unwrap();
         health.activity.call_started(false);
         orders.activity.call_started(true);
         // A health call gives way; an order call never does.
-        let newcomer = budget.admit().expect("the health call gave way");
+        let newcomer = budget.admit(None).expect("the health call gave way");
         assert!(health.activity.close.is_cancelled());
         assert!(!orders.activity.close.is_cancelled());
         newcomer.activity.call_started(true);
-        assert!(budget.admit().is_none());
+        assert!(budget.admit(None).is_none());
     }
 
     #[tokio::test(start_paused = true)]
     async fn only_connections_idle_long_enough_are_closed() {
         let budget = Budget::new(8);
-        let idle = budget.admit().unwrap();
-        let busy = budget.admit().unwrap();
+        let idle = budget.admit(None).unwrap();
+        let busy = budget.admit(None).unwrap();
         busy.activity.call_started(true);
         tokio::time::advance(Duration::from_secs(5)).await;
-        let fresh = budget.admit().unwrap();
+        let fresh = budget.admit(None).unwrap();
         budget.close_idle(Duration::from_secs(5));
         assert!(idle.activity.close.is_cancelled());
         assert!(!busy.activity.close.is_cancelled());

@@ -110,7 +110,7 @@ impl Admission {
             Ok(stream) => {
                 self.backoff_ms.store(0, Ordering::Relaxed);
                 let peer = stream.peer_addr().ok();
-                match self.slots.admit() {
+                match self.slots.admit(peer.map(|peer| peer.ip())) {
                     Some(slot) => {
                         let ticket = Ticket {
                             peer,
@@ -224,6 +224,16 @@ impl axum::serve::Listener for GuardedListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+/// The metrics endpoint's connections, as [`CallsLayer`] counts their
+/// requests: a scrape under way is a call open, so a newcomer's eviction
+/// takes an idle or half-sent connection before it.
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, GuardedListener>> for ConnInfo {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, GuardedListener>) -> Self {
+        let peer = PeerInfo { remote: Some(*stream.remote_addr()), certs: None };
+        ConnInfo { peer, activity: stream.io().slot.activity.clone() }
     }
 }
 
