@@ -15,8 +15,9 @@
 # registry you build from.
 
 FROM rust:1.95-slim-bookworm AS build
-# make: the server's allocator (jemalloc) is built from C source.
-RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
+# make: the server's allocator (jemalloc) is built from C source (bookworm's
+# make, pinned as the base image is).
+RUN apt-get update && apt-get install -y --no-install-recommends make=4.3-4.1 && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs rustfmt.toml ./
 COPY .cargo .cargo
