@@ -515,15 +515,22 @@ async fn refused_calls_never_choose_their_sampling() {
     collector.stop().await;
 }
 
-/// "Rapid reset": streams opened and reset at once (HEADERS, then
-/// RST_STREAM), as fast as a few connections take them, each connection
-/// opened again whenever the server closes it. The probes and the
-/// authenticated caller are still served.
+/// "Rapid reset": streams opened and reset at once, as fast as a few
+/// connections take them, each connection opened again whenever the server
+/// closes it: reset by the client (HEADERS, then RST_STREAM), or by the
+/// server itself (HEADERS with `content-length: 0`, then a DATA frame
+/// longer than that). The probes and the authenticated caller are still
+/// served.
 // Two threads: the flood must not starve the test's own caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_resets_are_bounded_on_both_ports() {
     let target = Target::start(&[]).await;
-    for (name, on_health) in [("rapid reset, gRPC port", false), ("rapid reset, health port", true)] {
+    for (name, on_health, lying) in [
+        ("rapid reset, gRPC port", false, false),
+        ("rapid reset, health port", true, false),
+        ("server-side resets (content-length), gRPC port", false, true),
+        ("server-side resets (content-length), health port", true, true),
+    ] {
         let reset = Arc::new(AtomicU32::new(0));
         let counter = reset.clone();
         let seen = target
@@ -548,7 +555,7 @@ async fn rapid_resets_are_bounded_on_both_ports() {
                             while sent && !stop.load(Ordering::SeqCst) {
                                 let mut frames = Vec::new();
                                 for _ in 0..64 {
-                                    reset_stream(&mut frames, stream_id);
+                                    reset_stream(&mut frames, stream_id, lying);
                                     stream_id += 2;
                                 }
                                 sent = write.write_all(&frames).await.is_ok();
@@ -573,8 +580,10 @@ async fn rapid_resets_are_bounded_on_both_ports() {
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A HEADERS frame opening a health Check on `stream_id`, then its
-/// RST_STREAM (CANCEL), as raw HTTP/2 frames.
-fn reset_stream(frames: &mut Vec<u8>, stream_id: u32) {
+/// RST_STREAM (CANCEL), as raw HTTP/2 frames; or, `lying`, a HEADERS frame
+/// saying `content-length: 0` and a 5-byte DATA frame, which the server
+/// answers by resetting the stream itself.
+fn reset_stream(frames: &mut Vec<u8>, stream_id: u32, lying: bool) {
     // HPACK: :method POST, :scheme http, then literals without indexing.
     let mut block = vec![0x83, 0x86];
     for (name_index, value) in [(&[0x04][..], "/grpc.health.v1.Health/Check"), (&[0x01], "localhost")] {
@@ -588,14 +597,25 @@ fn reset_stream(frames: &mut Vec<u8>, stream_id: u32) {
     block.extend_from_slice(b"te");
     block.push(8);
     block.extend_from_slice(b"trailers");
+    if lying {
+        // content-length (static table 28): 0.
+        block.extend_from_slice(&[0x0f, 0x0d, 1, b'0']);
+    }
     let id = stream_id.to_be_bytes();
     let length = (block.len() as u32).to_be_bytes();
     // HEADERS, END_HEADERS.
     frames.extend_from_slice(&[length[1], length[2], length[3], 0x1, 0x4]);
     frames.extend_from_slice(&id);
     frames.extend_from_slice(&block);
-    // RST_STREAM, CANCEL (0x8).
-    frames.extend_from_slice(&[0, 0, 4, 0x3, 0]);
-    frames.extend_from_slice(&id);
-    frames.extend_from_slice(&8u32.to_be_bytes());
+    if lying {
+        // DATA, END_STREAM: an empty gRPC message, 5 bytes.
+        frames.extend_from_slice(&[0, 0, 5, 0x0, 0x1]);
+        frames.extend_from_slice(&id);
+        frames.extend_from_slice(&[0; 5]);
+    } else {
+        // RST_STREAM, CANCEL (0x8).
+        frames.extend_from_slice(&[0, 0, 4, 0x3, 0]);
+        frames.extend_from_slice(&id);
+        frames.extend_from_slice(&8u32.to_be_bytes());
+    }
 }
