@@ -282,6 +282,43 @@ async fn calls_that_never_end_starve_no_probe() {
     }
 }
 
+/// PlaceOrders with credentials whose message never ends (a few bytes of
+/// it, then nothing), one on every connection the gRPC port has: a
+/// half-sent call gives way to a newcomer whoever sent it, so the probes
+/// and the authenticated caller are still served.
+// Two threads: the flood must not starve the test's own caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_order_calls_starve_no_probe() {
+    let target = Target::start(&["--max-connections", "64"]).await;
+    let token = target.token.clone();
+    let name = "half-sent PlaceOrders with credentials, gRPC port";
+    let seen = target
+        .under(name, move |grpc, _, stop, established| async move {
+            let (mut senders, mut held) = (Vec::new(), Vec::new());
+            while !stop.load(Ordering::SeqCst) && senders.len() < 80 {
+                let Some(mut sender) = h2_connection(grpc).await else { continue };
+                let request =
+                    tonic::codegen::http::Request::post("http://localhost/orders.v1.OrderService/PlaceOrder")
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .header("authorization", format!("Bearer {token}"))
+                        .body(())
+                        .unwrap();
+                if let Ok((response, mut body)) = sender.send_request(request, false) {
+                    // A message of 100 bytes, of which 5 are sent.
+                    let _ =
+                        body.send_data(Bytes::from_static(&[0, 0, 0, 0, 100, 0x0a, 0x24, 0, 0, 0]), false);
+                    held.push((response, body));
+                }
+                senders.push(sender);
+            }
+            established.notify_one();
+            std::future::pending::<()>().await;
+        })
+        .await;
+    assert_unharmed(name, &seen);
+}
+
 /// Health Watches, 128 a connection on many connections, on each port:
 /// counted against their budgets (the rest refused), memory stays bounded.
 // Two threads: the flood must not starve the test's own caller.

@@ -42,7 +42,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -121,9 +121,11 @@ impl Activity {
     }
 
     /// When it has had calls open without a pause, if only calls to the
-    /// open services (health, reflection): those need no credentials, and
-    /// one whose answer the caller never lets through (a zero flow-control
-    /// window) would otherwise hold the connection's place for ever.
+    /// open services (health, reflection) or half-sent order calls: those
+    /// need no credentials (a half-sent call's message, whoever sent its
+    /// headers, may never end), and one whose answer the caller never lets
+    /// through (a zero flow-control window) would otherwise hold the
+    /// connection's place for ever.
     fn busy_without_order_calls_since(&self) -> Option<Instant> {
         (self.open_calls.load(Ordering::Acquire) > 0 && self.open_order_calls.load(Ordering::Acquire) == 0)
             .then(|| self.accepted + Duration::from_millis(self.busy_since_ms.load(Ordering::Relaxed)))
@@ -140,6 +142,11 @@ impl Activity {
         if self.open_calls.fetch_add(1, Ordering::AcqRel) == 0 {
             self.busy_since_ms.store(self.millis_since_accepted(), Ordering::Relaxed);
         }
+    }
+
+    /// An open call's request has been read whole, and it is an order call.
+    fn order_call_sent(&self) {
+        self.open_order_calls.fetch_add(1, Ordering::AcqRel);
     }
 
     fn call_ended(&self, order_call: bool) {
@@ -334,18 +341,63 @@ impl<S> tower::Layer<S> for CallsLayer {
 #[derive(Debug, Clone)]
 pub struct Calls<S>(S);
 
-/// A call open on a connection (an order call or not); closed when dropped.
+/// A call open on a connection; closed when dropped. It counts as an
+/// order call once its request has been read whole (`order`): until then
+/// it is a half-sent call, which gives way to a newcomer like an idle one's
+/// connection would, whoever sent its headers.
 #[derive(Debug)]
-struct OpenCall(Arc<Activity>, bool);
+struct OpenCall {
+    activity: Arc<Activity>,
+    /// [`HALF_SENT`], [`ORDER`] or [`ENDED`].
+    order: Arc<AtomicU8>,
+}
+
+/// An open call whose request has not been read whole (or is no order
+/// call), one counted as an order call, and one that has ended.
+const HALF_SENT: u8 = 0;
+const ORDER: u8 = 1;
+const ENDED: u8 = 2;
 
 impl Drop for OpenCall {
     fn drop(&mut self) {
-        self.0.call_ended(self.1);
+        let was = self.order.swap(ENDED, Ordering::AcqRel);
+        self.activity.call_ended(was == ORDER);
+    }
+}
+
+/// A body type a request's body can be put back into, wrapped.
+pub trait Rewrap {
+    /// `body` as this type.
+    fn rewrap<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+        B::Error: Into<tonic::codegen::StdError>;
+}
+
+impl Rewrap for Body {
+    fn rewrap<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+        B::Error: Into<tonic::codegen::StdError>,
+    {
+        Body::new(body)
+    }
+}
+
+impl Rewrap for axum::body::Body {
+    fn rewrap<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+        B::Error: Into<tonic::codegen::StdError>,
+    {
+        axum::body::Body::new(body)
     }
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for Calls<S>
 where
+    B: Rewrap + http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
     R: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
@@ -368,10 +420,17 @@ where
             Some(ConnInfo::clone(info))
         });
         let open = info.map(|info| {
-            info.activity.call_started(order_call);
+            info.activity.call_started(false);
             request.extensions_mut().insert(info.peer);
-            OpenCall(info.activity, order_call)
+            OpenCall { activity: info.activity, order: Arc::default() }
         });
+        let request = match &open {
+            Some(open) if order_call => {
+                let (activity, order) = (open.activity.clone(), open.order.clone());
+                request.map(|body| B::rewrap(Sent { body, activity, order }))
+            }
+            _ => request,
+        };
         let response = self.0.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -380,6 +439,49 @@ where
                 None => response.map(Body::new),
             })
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An order call's request body, which marks its call an order call
+    /// once it has ended.
+    struct Sent<B> {
+        #[pin]
+        body: B,
+        activity: Arc<Activity>,
+        order: Arc<AtomicU8>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Sent<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.body.poll_frame(cx);
+        let ended = match &frame {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            _ => false,
+        };
+        // Counted once, and only while the call is open.
+        if ended && this.order.compare_exchange(HALF_SENT, ORDER, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            this.activity.order_call_sent();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
