@@ -306,7 +306,7 @@ impl Application {
         tracing::info!(max_connections, "connections are capped");
         // Each listener has a budget of its own (see net::budget): a flood
         // of one port takes nothing the others need.
-        let grpc_budget = net::Budget::with_streams(max_connections, config.max_concurrent_streams);
+        let grpc_budget = net::Budget::new(max_connections);
         let admission =
             net::Admission::new(config.handshake_timeout, net::Protocol::Http2, grpc_budget.clone());
         let api = OrderServiceServer::new(OrderApi::new(store.clone(), auth.clone(), settings))
@@ -358,10 +358,7 @@ impl Application {
         }
         if let Some(listener) = health_listener {
             let health_addr = listener.local_addr()?;
-            let budget = net::Budget::with_streams(
-                config.health_max_connections as usize,
-                config.max_concurrent_streams,
-            );
+            let budget = net::Budget::new(config.health_max_connections as usize);
             tokio::spawn(net::budget::close_idle(
                 budget.clone(),
                 config.max_connection_idle,

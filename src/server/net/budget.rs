@@ -20,14 +20,15 @@
 //! the "rapid reset" defence: a stream opened and reset at once costs the
 //! server a spawned call, and h2's own bound (`max_pending_accept_reset_streams`)
 //! counts only resets the server has not yet picked up, which a fast server
-//! never reaches. Each connection may reset twice `--max-concurrent-streams`
-//! streams at once (a client cancelling every call it has open, twice) and
-//! [`CONNECTION_RESETS_PER_SECOND`] after that; beyond its own allowance it
-//! draws on its listener's [`LISTENER_RESETS_PER_SECOND`], shared by all its
-//! connections. A connection that finds both spent is told to go away and
-//! closed (`reason="resets"`): a flood of resets costs its sender a new
-//! connection every few hundred streams, and many connections together
-//! reset no more than their listener allows plus a few a second each.
+//! never reaches. Each connection may reset [`CONNECTION_RESETS_BURST`]
+//! streams at once and [`CONNECTION_RESETS_PER_SECOND`] after that; beyond
+//! its own allowance it draws on its listener's
+//! [`LISTENER_RESETS_PER_SECOND`] (as many at once), shared by all its
+//! connections, which covers a client cancelling every call it has open. A
+//! connection that finds both spent is told to go away and closed
+//! (`reason="resets"`): a flood of resets costs its sender a new connection
+//! every few dozen streams, and many connections together reset no more
+//! than their listener allows plus a few a second each.
 //!
 //! hyper and tonic bound connections only as a whole (no per-connection idle
 //! timer, no eviction), and tower's limits count requests, not connections:
@@ -59,8 +60,10 @@ pub const CONNECTION_RESETS_PER_SECOND: u32 = 10;
 /// Streams a listener's connections together may reset a second beyond
 /// their own allowances (and at once, as a burst).
 pub const LISTENER_RESETS_PER_SECOND: u32 = 1_000;
-/// `--max-concurrent-streams`' default, for budgets built without it.
-const DEFAULT_STREAMS: u32 = 128;
+/// Streams one connection may reset at once, before it draws on its
+/// listener's allowance: small, since a connection opened again and again
+/// gets it anew each time.
+pub const CONNECTION_RESETS_BURST: u32 = 32;
 
 type Limiter = governor::DefaultDirectRateLimiter;
 
@@ -213,20 +216,11 @@ impl Slot {
 }
 
 impl Budget {
-    /// A budget of `most` connections (at least one), each with up to
-    /// 128 concurrent streams.
+    /// A budget of `most` connections (at least one).
     pub fn new(most: usize) -> Arc<Self> {
-        Self::with_streams(most, DEFAULT_STREAMS)
-    }
-
-    /// A budget of `most` connections (at least one), each with up to
-    /// `max_concurrent_streams` concurrent streams: the burst of resets
-    /// each may send.
-    pub fn with_streams(most: usize, max_concurrent_streams: u32) -> Arc<Self> {
         let per_second = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-        let burst = per_second(max_concurrent_streams.saturating_mul(2));
-        let connection_resets =
-            governor::Quota::per_second(per_second(CONNECTION_RESETS_PER_SECOND)).allow_burst(burst);
+        let connection_resets = governor::Quota::per_second(per_second(CONNECTION_RESETS_PER_SECOND))
+            .allow_burst(per_second(CONNECTION_RESETS_BURST));
         let resets = Limiter::direct(governor::Quota::per_second(per_second(LISTENER_RESETS_PER_SECOND)));
         Arc::new(Self {
             most: most.max(1),
@@ -521,15 +515,16 @@ mod tests {
 
     #[test]
     fn a_connection_resetting_past_both_allowances_is_closed_and_only_it() {
-        let budget = Budget::with_streams(4, 2);
+        let budget = Budget::new(4);
         let (flood, quiet) = (budget.admit(None).unwrap(), budget.admit(None).unwrap());
-        // Its own burst (twice its 2 streams), then the listener's 1,000
-        // (and the little either earns back while this runs).
+        // Its own burst, then the listener's 1,000 (and the little either
+        // earns back while this runs).
         let covered = (0..3_000).take_while(|_| flood.streams_reset(1)).count() as u32;
-        assert!((4 + LISTENER_RESETS_PER_SECOND..3_000).contains(&covered), "{covered} resets covered");
+        let least = CONNECTION_RESETS_BURST + LISTENER_RESETS_PER_SECOND;
+        assert!((least..3_000).contains(&covered), "{covered} resets covered");
         assert!(flood.activity.close.is_cancelled(), "told to close");
         // Another connection still has its own allowance.
-        assert!(quiet.streams_reset(4));
+        assert!(quiet.streams_reset(u64::from(CONNECTION_RESETS_BURST)));
         assert!(!quiet.activity.close.is_cancelled());
     }
 
