@@ -101,7 +101,10 @@ pub fn log_lines_dropped() -> u64 {
 /// Fails on trace settings that cannot work. A second call installs nothing
 /// (tests).
 pub fn init(format: LogFormat) -> anyhow::Result<Option<Tracing>> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // h2 warns once for every connection it closes for the streams it had
+    // to reset itself (a peer breaking the protocol: hundreds of lines a
+    // second from one attacker, unthrottled); by default only its errors.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,h2=error"));
     // sqlx warns of a connect parameter it does not know with its value
     // (`sslpassword=…`): that line is never written, whatever RUST_LOG says.
     let filter = match "sqlx_postgres::options::parse=error".parse() {

@@ -556,8 +556,10 @@ async fn refused_calls_never_choose_their_sampling() {
 /// connections take them, each connection opened again whenever the server
 /// closes it: reset by the client (HEADERS, then RST_STREAM), or by the
 /// server itself (HEADERS with `content-length: 0`, then a DATA frame
-/// longer than that). The probes and the authenticated caller are still
-/// served.
+/// longer than that), from another address (127.0.0.2). The probes and the
+/// authenticated caller are still served, and a caller who gives up on
+/// call after call (each resetting its stream) keeps its connection: the
+/// flood spends its own address's allowance, not this caller's.
 // Two threads: the flood must not starve the test's own caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_resets_are_bounded_on_both_ports() {
@@ -570,16 +572,45 @@ async fn rapid_resets_are_bounded_on_both_ports() {
     ] {
         let reset = Arc::new(AtomicU32::new(0));
         let counter = reset.clone();
+        let (cancelled, cut) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let (cancelled_seen, cut_seen) = (cancelled.clone(), cut.clone());
         let seen = target
             .under(name, move |grpc, health, stop, established| async move {
                 let addr = if on_health { health } else { grpc };
                 established.notify_one();
                 let mut tasks = JoinSet::new();
+                // The impatient caller, on one connection: health Watches
+                // it gives up on as soon as they are answered, each stream
+                // reset by its client.
+                let (impatient_stop, cancelled, cut) = (stop.clone(), cancelled.clone(), cut.clone());
+                tasks.spawn(async move {
+                    let Some(mut sender) = h2_connection(addr).await else { return };
+                    while !impatient_stop.load(Ordering::SeqCst) {
+                        sender = match sender.ready().await {
+                            Ok(ready) => ready,
+                            Err(_) => {
+                                // The server closed the connection.
+                                cut.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                        };
+                        let Some(response) = grpc_request(&mut sender, "/grpc.health.v1.Health/Watch") else {
+                            continue;
+                        };
+                        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(1), response).await {
+                            // Dropped while open: reset.
+                            drop(answer);
+                            cancelled.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
                 for _ in 0..4 {
                     let (stop, counter) = (stop.clone(), counter.clone());
                     tasks.spawn(async move {
                         while !stop.load(Ordering::SeqCst) {
-                            let Ok(tcp) = TcpStream::connect(addr).await else { continue };
+                            let Ok(tcp) = connect_from([127, 0, 0, 2], &addr.to_string()).await else {
+                                continue;
+                            };
                             let (mut read, mut write) = tcp.into_split();
                             // Whatever the server sends is read and dropped.
                             let drain = tokio::spawn(async move {
@@ -605,8 +636,18 @@ async fn rapid_resets_are_bounded_on_both_ports() {
                 tasks.join_all().await;
             })
             .await;
-        println!("{name}: {} streams reset", reset.load(Ordering::SeqCst));
+        let (cancelled, cut) = (cancelled_seen.load(Ordering::SeqCst), cut_seen.load(Ordering::SeqCst));
+        println!(
+            "{name}: {} streams reset by the flood; the impatient caller's calls: {cancelled} given up \
+             on, {cut} cut off",
+            reset.load(Ordering::SeqCst)
+        );
         assert_unharmed(name, &seen);
+        assert!(cancelled > 50, "{name}: the impatient caller gave up on its calls: {cancelled}");
+        assert_eq!(
+            cut, 0,
+            "{name}: the impatient caller's connection is never closed for the flood's resets"
+        );
     }
     let evicted = target.server.metric("orders_connections_evicted_total{reason=\"resets\"}").await;
     println!("rapid reset: {evicted} connections closed for their resets");

@@ -22,13 +22,14 @@
 //! counts only resets the server has not yet picked up, which a fast server
 //! never reaches. Each connection may reset [`CONNECTION_RESETS_BURST`]
 //! streams at once and [`CONNECTION_RESETS_PER_SECOND`] after that; beyond
-//! its own allowance it draws on its listener's
-//! [`LISTENER_RESETS_PER_SECOND`] (as many at once), shared by all its
-//! connections, which covers a client cancelling every call it has open. A
-//! connection that finds both spent is told to go away and closed
-//! (`reason="resets"`): a flood of resets costs its sender a new connection
-//! every few dozen streams, and many connections together reset no more
-//! than their listener allows plus a few a second each.
+//! its own allowance it draws on its address's [`ADDRESS_RESETS_PER_SECOND`]
+//! (as many at once), shared by the connections from that address, which
+//! covers a client cancelling every call it has open; a flood from other
+//! addresses never spends it. A connection that finds both spent is told to
+//! go away and closed (`reason="resets"`): a flood of resets costs its
+//! sender a new connection every few dozen streams, and the connections
+//! from one address together reset no more than 1,000 a second plus a few
+//! a second each.
 //!
 //! hyper and tonic bound connections only as a whole (no per-connection idle
 //! timer, no eviction), and tower's limits count requests, not connections:
@@ -57,15 +58,16 @@ use crate::api::PeerInfo;
 
 /// Streams one connection may reset a second once its burst is spent.
 pub const CONNECTION_RESETS_PER_SECOND: u32 = 10;
-/// Streams a listener's connections together may reset a second beyond
-/// their own allowances (and at once, as a burst).
-pub const LISTENER_RESETS_PER_SECOND: u32 = 1_000;
+/// Streams the connections from one address may reset a second beyond
+/// their own allowances (and at once, as a burst), on one listener.
+pub const ADDRESS_RESETS_PER_SECOND: u32 = 1_000;
 /// Streams one connection may reset at once, before it draws on its
 /// listener's allowance: small, since a connection opened again and again
 /// gets it anew each time.
 pub const CONNECTION_RESETS_BURST: u32 = 32;
 
 type Limiter = governor::DefaultDirectRateLimiter;
+type ByAddress = governor::DefaultKeyedRateLimiter<Option<IpAddr>>;
 
 /// A client certificate chain.
 pub type Certs = Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>;
@@ -181,8 +183,9 @@ pub struct Budget {
     most: usize,
     /// Each connection's allowance of stream resets.
     connection_resets: governor::Quota,
-    /// What its connections may reset beyond their own allowances.
-    resets: Limiter,
+    /// What the connections from each address may reset beyond their own
+    /// allowances.
+    resets: ByAddress,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Activity>>>,
 }
@@ -206,8 +209,9 @@ impl Slot {
     /// its listener's, still covers each. When neither does, the connection
     /// is told to close (counted as `reason="resets"`).
     pub fn streams_reset(&self, streams: u64) -> bool {
+        let (own, shared) = (&self.activity.resets, &self.budget.resets);
         let covered =
-            (0..streams).all(|_| self.activity.resets.check().is_ok() || self.budget.resets.check().is_ok());
+            (0..streams).all(|_| own.check().is_ok() || shared.check_key(&self.activity.peer).is_ok());
         if !covered {
             self.activity.evict("resets");
         }
@@ -221,7 +225,7 @@ impl Budget {
         let per_second = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
         let connection_resets = governor::Quota::per_second(per_second(CONNECTION_RESETS_PER_SECOND))
             .allow_burst(per_second(CONNECTION_RESETS_BURST));
-        let resets = Limiter::direct(governor::Quota::per_second(per_second(LISTENER_RESETS_PER_SECOND)));
+        let resets = ByAddress::keyed(governor::Quota::per_second(per_second(ADDRESS_RESETS_PER_SECOND)));
         Arc::new(Self {
             most: most.max(1),
             connection_resets,
@@ -277,8 +281,10 @@ impl Budget {
         Some(Slot { budget: self.clone(), activity })
     }
 
-    /// Tells every connection with no call open for `idle` to close.
+    /// Tells every connection with no call open for `idle` to close (and
+    /// forgets the addresses whose reset allowance is whole again).
     pub fn close_idle(&self, idle: Duration) {
+        self.resets.retain_recent();
         let now = Instant::now();
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         for activity in live.values() {
@@ -517,15 +523,19 @@ mod tests {
     fn a_connection_resetting_past_both_allowances_is_closed_and_only_it() {
         let budget = Budget::new(4);
         let (flood, quiet) = (budget.admit(None).unwrap(), budget.admit(None).unwrap());
-        // Its own burst, then the listener's 1,000 (and the little either
+        // Its own burst, then its address's 1,000 (and the little either
         // earns back while this runs).
         let covered = (0..3_000).take_while(|_| flood.streams_reset(1)).count() as u32;
-        let least = CONNECTION_RESETS_BURST + LISTENER_RESETS_PER_SECOND;
+        let least = CONNECTION_RESETS_BURST + ADDRESS_RESETS_PER_SECOND;
         assert!((least..3_000).contains(&covered), "{covered} resets covered");
         assert!(flood.activity.close.is_cancelled(), "told to close");
         // Another connection still has its own allowance.
         assert!(quiet.streams_reset(u64::from(CONNECTION_RESETS_BURST)));
         assert!(!quiet.activity.close.is_cancelled());
+        // One from another address has its own and its address's.
+        let elsewhere = budget.admit(Some([127, 0, 0, 9].into())).unwrap();
+        assert!(elsewhere.streams_reset(u64::from(CONNECTION_RESETS_BURST + 500)));
+        assert!(!elsewhere.activity.close.is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]
