@@ -1,6 +1,7 @@
 //! Every [`Error`] answered as a `tonic::Status`, in one place: its code,
 //! a message a caller can act on, and the rich details (`ErrorInfo` in
-//! domain [`ERROR_DOMAIN`], `RetryInfo`, `BadRequest`) DESIGN.md names.
+//! domain [`ERROR_DOMAIN`], `RetryInfo`, `BadRequest`) docs/design.md and
+//! docs/api.md (Semantics) name.
 //! Causes of `UNAVAILABLE`, `INTERNAL` and outcome-unknown answers are
 //! logged here, with the span of the RPC as context, and replaced by an
 //! opaque message: callers never see SQL or stack traces.

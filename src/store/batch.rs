@@ -535,3 +535,26 @@ async fn batch_reader<E: GroupCommit>(engine: E, max_batch: usize, mut queue: mp
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::GroupCommit;
+    use crate::store::{postgres::PgStore, sqlite::SqliteStore};
+
+    /// docs/operations.md states how many batches Postgres writes at once
+    /// and which engine looks keys up before its batch: as the code has
+    /// them.
+    #[test]
+    fn the_operations_guide_states_the_writers_and_the_lookups_as_the_code_has_them() {
+        let guide: Vec<&str> = include_str!("../../docs/operations.md").split_whitespace().collect();
+        let guide = guide.join(" ");
+        let writers =
+            ["One batch is", "Two batches are", "Three batches are"][<PgStore as GroupCommit>::WRITERS - 1];
+        assert!(guide.contains(&format!("{writers} written at once")), "Postgres's writer count");
+        assert_eq!(<SqliteStore as GroupCommit>::WRITERS, 1);
+        assert!(<SqliteStore as GroupCommit>::LOOKS_UP_FIRST);
+        assert!(guide.contains("On SQLite every PlaceOrder's key is looked up first"));
+        assert!(!<PgStore as GroupCommit>::LOOKS_UP_FIRST);
+        assert!(guide.contains("on Postgres nothing is looked up first"));
+    }
+}

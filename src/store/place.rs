@@ -1,4 +1,4 @@
-//! The PlaceOrder transaction of DESIGN.md section 4, written once for every
+//! The PlaceOrder transaction (docs/design.md, "PlaceOrder, exactly once"), written once for every
 //! engine: each engine supplies the four statements ([`PlaceTx`]) and runs
 //! [`place`] inside its own transaction, committing on success.
 //!
