@@ -434,6 +434,18 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// Binds a new key's parameters ($1 to $5) of [`new_key_statement`].
+macro_rules! bind_key {
+    ($query:expr, $key:expr) => {
+        $query
+            .bind($key.account_id.as_str())
+            .bind($key.client_request_id.uuid())
+            .bind(&$key.fingerprint.0[..])
+            .bind($key.order_id.uuid())
+            .bind(micros($key.ttl))
+    };
+}
+
 /// The statement of a new key (see `PlaceTx::insert_key_and_order`), whose
 /// `lock` CTE selects `$lock` (a row when the key's advisory lock is taken),
 /// with the order's insert between `$insert` and `$tail`: the one text for
@@ -481,13 +493,8 @@ async fn try_insert_key_and_order(
         concat!("1 where pg_try_advisory_xact_lock(", group_commit::key_lock!("$1", "$2"), ")"),
         ", placed as (insert into orders ",
         " returning create_time) select exists (select from lock), (select create_time from placed)"
-    ))
-    .bind(key.account_id.as_str())
-    .bind(key.client_request_id.uuid())
-    .bind(&key.fingerprint.0[..])
-    .bind(key.order_id.uuid())
-    .bind(micros(key.ttl));
-    let (took, created): (bool, Option<DateTime<Utc>>) = bind_order!(query, order)
+    ));
+    let (took, created): (bool, Option<DateTime<Utc>>) = bind_order!(bind_key!(query, key), order)
         .fetch_one(&mut *conn)
         .await
         .map_err(db_key("inserting the idempotency key and the order"))?;
@@ -529,13 +536,8 @@ impl PlaceTx for sqlx::PgConnection {
             concat!("pg_advisory_xact_lock(", group_commit::key_lock!("$1", "$2"), ")"),
             "insert into orders ",
             " returning create_time"
-        ))
-        .bind(key.account_id.as_str())
-        .bind(key.client_request_id.uuid())
-        .bind(&key.fingerprint.0[..])
-        .bind(key.order_id.uuid())
-        .bind(micros(key.ttl));
-        let created: Option<DateTime<Utc>> = bind_order!(query, order)
+        ));
+        let created: Option<DateTime<Utc>> = bind_order!(bind_key!(query, key), order)
             .fetch_optional(&mut *self)
             .await
             .map_err(db_key("inserting the idempotency key and the order"))?;
