@@ -140,10 +140,8 @@ impl Activity {
         Instant::now().saturating_duration_since(self.accepted).as_millis() as u64
     }
 
-    fn call_started(&self, order_call: bool) {
-        if order_call {
-            self.open_order_calls.fetch_add(1, Ordering::AcqRel);
-        }
+    /// A call opened (not yet an order call: see [`Self::order_call_sent`]).
+    fn call_started(&self) {
         if self.open_calls.fetch_add(1, Ordering::AcqRel) == 0 {
             self.busy_since_ms.store(self.millis_since_accepted(), Ordering::Relaxed);
         }
@@ -206,7 +204,7 @@ impl Drop for Slot {
 
 impl Slot {
     /// The client reset `streams` more: whether its own allowance, or else
-    /// its listener's, still covers each. When neither does, the connection
+    /// its address's, still covers each. When neither does, the connection
     /// is told to close (counted as `reason="resets"`).
     pub fn streams_reset(&self, streams: u64) -> bool {
         let (own, shared) = (&self.activity.resets, &self.budget.resets);
@@ -420,7 +418,7 @@ where
             Some(ConnInfo::clone(info))
         });
         let open = info.map(|info| {
-            info.activity.call_started(false);
+            info.activity.call_started();
             request.extensions_mut().insert(info.peer);
             OpenCall { activity: info.activity, order: Arc::default() }
         });
@@ -549,8 +547,10 @@ mod tests {
         assert!(first.activity.close.is_cancelled());
         assert!(!second.activity.close.is_cancelled());
         // Both left busy with order calls: no place for a newcomer.
-        second.activity.call_started(true);
-        third.activity.call_started(true);
+        second.activity.call_started();
+        second.activity.order_call_sent();
+        third.activity.call_started();
+        third.activity.order_call_sent();
         assert!(budget.admit(None).is_none());
         // A call ends: that connection is idle, and gives way.
         third.activity.call_ended(true);
@@ -584,7 +584,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(10)).await;
         // The old connection makes a call, which ends after the newcomer
         // came (still sending its first request): the old one gives way.
-        old.activity.call_started(false);
+        old.activity.call_started();
         old.activity.call_ended(false);
         let _next = budget.admit(None).unwrap();
         assert!(old.activity.close.is_cancelled());
@@ -596,13 +596,15 @@ mod tests {
         let budget = Budget::new(2);
         let health = budget.admit(None).unwrap();
         let orders = budget.admit(None).unwrap();
-        health.activity.call_started(false);
-        orders.activity.call_started(true);
+        health.activity.call_started();
+        orders.activity.call_started();
+        orders.activity.order_call_sent();
         // A health call gives way; an order call never does.
         let newcomer = budget.admit(None).expect("the health call gave way");
         assert!(health.activity.close.is_cancelled());
         assert!(!orders.activity.close.is_cancelled());
-        newcomer.activity.call_started(true);
+        newcomer.activity.call_started();
+        newcomer.activity.order_call_sent();
         assert!(budget.admit(None).is_none());
     }
 
@@ -611,7 +613,8 @@ mod tests {
         let budget = Budget::new(8);
         let idle = budget.admit(None).unwrap();
         let busy = budget.admit(None).unwrap();
-        busy.activity.call_started(true);
+        busy.activity.call_started();
+        busy.activity.order_call_sent();
         tokio::time::advance(Duration::from_secs(5)).await;
         let fresh = budget.admit(None).unwrap();
         budget.close_idle(Duration::from_secs(5));

@@ -54,7 +54,7 @@ pub(crate) struct Frames {
     awaiting_end_headers: bool,
     /// Header blocks completed.
     pub blocks: u64,
-    /// RST_STREAM frames begun (streams the client reset).
+    /// RST_STREAM frames begun (on a client's stream: the streams it reset).
     pub resets: u64,
 }
 
